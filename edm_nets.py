@@ -570,3 +570,230 @@ class iDDPMPrecond(_Precond):
 
 
 NETWORKS = {cls.__name__: cls for cls in [EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond]}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Safe reading of EDM network pickles (format: the fixtures' edm-formats.md, section a).
+#
+# EDM pickles store every network layer as a call _reconstruct_persistent_obj(meta), where meta holds the class
+# name, the source code of its module and the object's __dict__. EDM's loader executes that source; we never do.
+# The restricted unpickler below resolves only the globals the format needs, each to a harmless stand-in, so a
+# persistent object comes back as a plain `Persistent` record and tensors come back as tensors.
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle names a global outside the allow-list; nothing it references was executed."""
+
+
+class Persistent:
+    """Data of one EDM persistent object: class_name, init_args, init_kwargs and state (its __dict__)."""
+    def __init__(self, meta):
+        if not isinstance(meta, dict) or meta.get('type') != 'class' or meta.get('version') != 6:
+            raise pickle.UnpicklingError('unsupported EDM persistent object record (expected type "class", version 6)')
+        self.class_name = meta['class_name']
+        self.state = meta['state']
+        self.init_args = tuple(self.state.get('_init_args', ()))
+        self.init_kwargs = dict(self.state.get('_init_kwargs', {}))
+
+    def __repr__(self):
+        return f'Persistent({self.class_name}, init_kwargs={self.init_kwargs})'
+
+
+class ModuleDictRecord:
+    """Stand-in for a pickled torch.nn.ModuleDict: keeps the BUILD state (its __dict__, with `_modules`)."""
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _numpy_dtype(spec, align=False, copy=False):
+    dtype = np.dtype(spec, align, True)  # always a fresh copy: the following BUILD mutates it
+    if dtype.kind not in 'biuf':
+        raise UnsafePickleError(f'refusing numpy dtype {dtype} (only numeric scalars are expected)')
+    return dtype
+
+
+def _numpy_scalar(dtype, data):
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError('malformed numpy scalar')
+    return np.frombuffer(data, dtype=dtype)[0].item()  # plain python float/int
+
+
+def _load_storage(blob):
+    # Each storage is a complete legacy torch.save stream; torch's own weights_only unpickler reads it safely.
+    return torch.load(io.BytesIO(blob), map_location='cpu', weights_only=True)
+
+
+_PICKLE_GLOBALS = {
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): Persistent,
+    ('torch.nn.modules.container', 'ModuleDict'): ModuleDictRecord,
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+    ('torch.storage', '_load_from_bytes'): _load_storage,
+    ('numpy._core.multiarray', 'scalar'): _numpy_scalar,   # NumPy >= 2
+    ('numpy.core.multiarray', 'scalar'): _numpy_scalar,    # NumPy 1.x
+    ('numpy', 'dtype'): _numpy_dtype,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _PICKLE_GLOBALS:
+            allowed = ', '.join(f'{m}.{n}' for m, n in _PICKLE_GLOBALS)
+            raise UnsafePickleError(f'refusing to load global {module}.{name} (not part of the EDM pickle format; allowed: {allowed})')
+        return _PICKLE_GLOBALS[(module, name)]
+
+
+def read_pickle(path_or_file):
+    """Read an EDM-format pickle as plain data (dicts, tensors, Persistent / ModuleDictRecord records).
+    Never executes code from the file; raises UnsafePickleError for foreign globals, ValueError for a corrupt file."""
+    if isinstance(path_or_file, (str, os.PathLike)):
+        with open(path_or_file, 'rb') as f:
+            return read_pickle(f)
+    try:
+        return _RestrictedUnpickler(path_or_file).load()
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # truncated streams, wrong opcodes, foreign data: all are "not an EDM pickle"
+        name = getattr(path_or_file, 'name', 'input')
+        raise ValueError(f'{name}: not a readable EDM network pickle ({type(e).__name__}: {e})') from None
+
+
+def persistent_state_dict(obj, prefix=''):
+    """state_dict (name -> tensor, in nn.Module.state_dict order) of a Persistent module tree."""
+    state = obj.state
+    out = collections.OrderedDict()
+    for name, value in state.get('_parameters', {}).items():
+        if value is not None:
+            out[prefix + name] = value.detach()
+    non_persistent = state.get('_non_persistent_buffers_set', set())
+    for name, value in state.get('_buffers', {}).items():
+        if value is not None and name not in non_persistent:
+            out[prefix + name] = value
+    for name, child in state.get('_modules', {}).items():
+        if child is not None:
+            out.update(persistent_state_dict(child, prefix + name + '.'))
+    return out
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building networks, project checkpoints, downloads.
+
+def build_network(class_name, init_kwargs, state_dict=None, classes=None):
+    """Construct a wrapper by class name (NETWORKS, extended by `classes`) and strictly load state_dict."""
+    known = {**NETWORKS, **(classes or {})}
+    if class_name not in known:
+        raise ValueError(f'unsupported network class {class_name!r}; supported: {", ".join(sorted(known))}')
+    if state_dict is None:
+        return known[class_name](**init_kwargs)
+    with torch.device('meta'):  # no random init: every tensor comes from state_dict
+        net = known[class_name](**init_kwargs)
+    net.load_state_dict(state_dict, strict=True, assign=True)
+    return net
+
+
+def net_to_dict(net):
+    """Plain-data description of a wrapper (loadable with torch.load(weights_only=True))."""
+    return {'class_name': type(net).__name__, 'init_kwargs': copy.deepcopy(net.init_kwargs),
+            'state_dict': {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file next to `path`, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def open_url(source, cache_dir=None):
+    """Local path as is, or an http(s) URL downloaded once into the cache ($GDD_CACHE, else ~/.cache/gdd-min)."""
+    source = str(source)
+    if not re.match(r'^https?://', source):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f'no such file: {source}')
+        return path
+    cache_dir = Path(cache_dir or os.environ.get('GDD_CACHE') or Path.home() / '.cache' / 'gdd-min')
+    base = re.sub(r'[^A-Za-z0-9._-]', '_', os.path.basename(urllib.parse.urlparse(source).path)) or 'download'
+    path = cache_dir / f'{hashlib.sha256(source.encode()).hexdigest()[:16]}_{base}'
+    if path.is_file():
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        with urllib.request.urlopen(source, timeout=60) as r, open(tmp, 'wb') as f:
+            total = int(r.headers.get('Content-Length') or 0)
+            done = 0
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                print(f'\rdownloading {base}: {done / 2**20:.1f}' + (f' / {total / 2**20:.1f}' if total else '') + ' MiB',
+                      end='', file=sys.stderr, flush=True)
+            print(file=sys.stderr)
+            if total and done != total:
+                raise OSError(f'download of {source} incomplete ({done} of {total} bytes)')
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_network(source, key='ema', classes=None, device='cpu'):
+    """Network from an official EDM/GDD pickle (safe reader) or a gdd-min checkpoint, in eval mode.
+    source: local path or http(s) URL; key: entry of the file ('ema', or 'net' for training checkpoints)."""
+    path = open_url(source)
+    if zipfile.is_zipfile(path):  # torch.save archive: our own checkpoint format
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        if not isinstance(ckpt, dict) or ckpt.get('format') != 'gdd-min':
+            raise ValueError(f'{path}: a torch archive, but not a gdd-min checkpoint')
+        if key not in ckpt:
+            raise ValueError(f'{path}: no {key!r} entry (has: {", ".join(map(str, ckpt))})')
+        d = ckpt[key]
+        net = build_network(d['class_name'], d['init_kwargs'], d['state_dict'], classes)
+    else:
+        data = read_pickle(path)
+        obj = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(obj, Persistent):
+            raise ValueError(f'{path}: no network under key {key!r}')
+        net = build_network(obj.class_name, obj.init_kwargs, persistent_state_dict(obj), classes)
+    return net.eval().to(device)
+
+# ----------------------------------------------------------------------------------------------------------------
+# EDM sampler (EDM paper, Algorithm 2): Heun's 2nd-order method with optional stochastic churn.
+
+def sigma_steps(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, device='cpu'):
+    """EDM Eq. 5: t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, float64."""
+    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    return (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+@torch.no_grad()
+def edm_sampler(net, latents, class_labels=None, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
+                S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, randn_like=torch.randn_like):
+    """Sample x_0 from latents ~ N(0, I) with 2 * num_steps - 1 network evaluations; returns float64 images."""
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+    t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, latents.device)
+    t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])  # t_N = 0
+
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        # Churn: raise the noise level to t_hat = t_cur (1 + gamma) by adding fresh noise (always drawn, as in EDM).
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = net.round_sigma(t_cur + gamma * t_cur)
+        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        # Euler step: dx/dt = (x - D(x; t)) / t.
+        d_cur = (x_hat - net(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        # 2nd-order correction (trapezoid), skipped on the last step where t_next = 0.
+        if i < num_steps - 1:
+            d_prime = (x_next - net(x_next, t_next, class_labels).to(torch.float64)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next

@@ -1,8 +1,39 @@
-"""EDM-compatible FID: Inception-v3 feature statistics and the Frechet distance (recipe F.2)."""
+"""EDM-compatible FID (recipe F.2): Inception-v3 feature statistics and the Frechet distance.
+
+    python fid_min.py calc --images samples/ --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+    python fid_min.py calc --net ckpt.pt --num 50000 --ref cifar10-32x32.npz     # generate in memory, no files
+    python fid_min.py ref --data cifar10-32x32.zip --dest my-cifar10-32x32.npz   # new reference statistics
+    torchrun --nproc_per_node=8 fid_min.py calc ...                             # each rank a share of the images
+
+Reference files are EDM's npz format (mu float64 [2048], sigma float64 [2048, 2048]), so EDM's published
+statistics work unchanged. The detector is called as detector(uint8 [N, 3, H, W], return_features=True) ->
+float [N, 2048] at the dataset resolution (it resizes internally), exactly as EDM's fid.py calls it.
+
+Detector files (--detector, path or URL, cached like edm_nets.load_network):
+- default, DETECTOR_URL: StyleGAN2-ADA's inception-2015-12-05.pt, the TorchScript translation of TensorFlow's
+  2015-12-05 Inception-v3 graph, loaded with torch.jit.load. It is the default because it needs no pickle at all.
+- EDM_DETECTOR_URL: NVIDIA's inception-2015-12-05.pkl that EDM's fid.py downloads and unpickles. We read it with
+  edm_nets.read_pickle (allow-listed globals only; an unknown global fails naming it; embedded Python source is
+  never run) and torch.jit.load the TorchScript archive stored inside it. Both files are published as the same
+  translation of the same TensorFlow graph; their features were not compared here (no network access).
+- any TorchScript module with the same call signature (tests use a small stand-in).
+Trade-off, stated plainly: torch.jit.load runs the module's TorchScript graph (restricted to TorchScript's
+operator set, no arbitrary Python, no imports), so a TorchScript detector is trusted code in the way a
+network's forward pass is; only the pickle layer is reduced to plain data.
+"""
+
+import argparse
+import io
+import os
+import pickle
+import re
+import zipfile
 
 import numpy as np
 import scipy.linalg
 import torch
+
+import edm_nets
 
 #----------------------------------------------------------------------------
 # Feature statistics (edm-formats.md (c)): mu = sum(f) / N,
@@ -68,3 +99,215 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     # SciPy's matrix square root as EDM uses it; the product of two covariances can give a tiny imaginary part.
     s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
     return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
+
+#----------------------------------------------------------------------------
+# Detector.
+
+DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+EDM_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
+
+
+def _torchscript_blobs(obj, depth=0):
+    """Every bytes value inside unpickled data that looks like a zip archive (a torch.jit.save stream)."""
+    if isinstance(obj, (bytes, bytearray)):
+        return [bytes(obj)] if bytes(obj[:4]) == b'PK\x03\x04' else []
+    if depth > 50 or isinstance(obj, (str, torch.Tensor)):
+        return []
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        children = list(obj)
+    elif hasattr(obj, '__dict__'):
+        children = list(vars(obj).values())
+    else:
+        return []
+    return [blob for child in children for blob in _torchscript_blobs(child, depth + 1)]
+
+
+def load_detector(source=DETECTOR_URL, device='cpu'):
+    """Feature detector from a TorchScript file or a pickle holding one (see the module docstring)."""
+    path = edm_nets.open_url(source)
+    with open(path, 'rb') as fh:
+        is_zip = fh.read(4) == b'PK\x03\x04'     # not zipfile.is_zipfile: a pickle holding an archive passes that
+    if is_zip:
+        archive = path
+    else:
+        data = edm_nets.read_pickle(path)
+        blobs = _torchscript_blobs(data)
+        if len(blobs) != 1:
+            raise ValueError(f'{source}: expected one TorchScript archive inside the pickle, found {len(blobs)} '
+                             f'(its Python source is never executed); use the TorchScript file {DETECTOR_URL}')
+        archive = io.BytesIO(blobs[0])
+    try:
+        detector = torch.jit.load(archive, map_location=device)
+    except RuntimeError as e:
+        raise ValueError(f'{source}: not a TorchScript module ({str(e).strip().splitlines()[0]})') from None
+    return detector.eval()
+
+
+def detect(detector, images):
+    """uint8 [N, C, H, W] -> float64 features [N, D]; grayscale repeated to 3 channels as EDM does."""
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        return detector(images, return_features=True).to(torch.float64)
+
+#----------------------------------------------------------------------------
+# Image sources. Each rank takes every world-th image; statistics are summed across ranks afterwards.
+
+def _load_npz_images(path):
+    with np.load(path, allow_pickle=False) as f:
+        key = next((k for k in ('images', 'arr_0') if k in f.files), None)
+        if key is None:
+            raise ValueError(f'{path}: no "images" (or "arr_0") array; keys: {", ".join(f.files) or "none"}')
+        images = f[key]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or images.shape[1] != images.shape[2]:
+        raise ValueError(f'{path}: images must be uint8 [N, H, W, C] with H == W and C in (1, 3), '
+                         f'got {images.dtype} {list(images.shape)}')
+    return images.transpose(0, 3, 1, 2)                                 # NHWC -> NCHW
+
+
+def image_batches(source, num=None, batch=64, rank=0, world=1, device='cpu'):
+    """Yield uint8 [B, C, H, W] batches from a folder / zip of PNGs (EDM's dataset format) or an npz.
+    num=None takes every image; otherwise exactly num, a random subset (seed 0) when there are more, as
+    EDM's fid.py does (dataset max_size: shuffle the indices with RandomState(0), keep num, sort)."""
+    if not os.path.exists(source):
+        raise FileNotFoundError(f'no such file or folder: {source}')
+    if str(source).endswith('.npz'):
+        array = _load_npz_images(source)
+        count, read = len(array), (lambda i: array[i])
+    else:
+        from train_min import ImageDataset                      # lazy: train_min imports this module
+        dataset = ImageDataset(source, use_labels=False)
+        count, read = len(dataset), (lambda i: dataset[i][0])
+    if num is not None and count < num:
+        raise ValueError(f'{source} has {count} images, expected at least {num}')
+    indices = np.arange(count)
+    if num is not None and count > num:
+        np.random.RandomState(0).shuffle(indices)
+        indices = np.sort(indices[:num])
+    mine = indices[rank::world]
+    for i in range(0, len(mine), batch):
+        yield torch.from_numpy(np.stack([read(j) for j in mine[i:i + batch]])).to(device)
+
+
+def compute_stats(batches, detector, device='cpu', total=None, rank=0):
+    """FeatureStats of every batch, summed across ranks; prints progress on rank 0."""
+    stats = FeatureStats()
+    for images in batches:
+        stats.add(detect(detector, images.to(device)))
+        if rank == 0:
+            print(f'\r{stats.n}{"" if total is None else f"/{total}"} images (rank 0)', end='', flush=True)
+    if rank == 0:
+        print()
+    return stats.reduce(device)
+
+
+def load_ref(source):
+    """(mu, sigma) of an EDM reference npz, path or URL."""
+    path = edm_nets.open_url(source)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if 'mu' not in f.files or 'sigma' not in f.files:
+                raise ValueError(f'{source}: reference statistics need arrays mu and sigma; keys: {", ".join(f.files) or "none"}')
+            mu, sigma = f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f'{source}: not an npz file ({e})') from None
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise ValueError(f'{source}: mu must be [D] and sigma [D, D], got {list(mu.shape)} and {list(sigma.shape)}')
+    return mu, sigma
+
+
+def save_ref(path, mu, sigma):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        np.savez(f, mu=mu, sigma=sigma)
+    os.replace(tmp, path)
+
+#----------------------------------------------------------------------------
+# Command line helpers, shared with sample_min.py.
+
+def parse_seeds(text):
+    """'0-49999' / '0,5,10-12' -> list of ints (ranges inclusive)."""
+    seeds = []
+    for part in str(text).split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise argparse.ArgumentTypeError(f'bad seed list {text!r}: use e.g. 0-49999 or 0,5,10-12')
+        seeds.extend(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    return seeds
+
+
+def init_distributed():
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on CUDA,
+    Gloo on CPU. Each rank then takes seeds[rank::world_size]."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return rank, world, device
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='cmd', required=True)
+    calc = sub.add_parser('calc', help='FID of generated images against reference statistics')
+    src = calc.add_mutually_exclusive_group(required=True)
+    src.add_argument('--images', help='folder or zip of PNGs, or npz (images uint8 [N, H, W, C]) from sample_min.py')
+    src.add_argument('--net', help='generator checkpoint / GDD pickle / EDM teacher: generate in memory, write nothing')
+    calc.add_argument('--ref', required=True, help='reference statistics npz (mu, sigma), path or URL')
+    calc.add_argument('--num', type=int, default=50000, help='number of images (default: %(default)s)')
+    calc.add_argument('--seeds', type=parse_seeds, help='with --net: seeds to generate (default: 0 to num-1)')
+    calc.add_argument('--steps', type=int, default=18, help='with a teacher --net: EDM sampler steps (default: %(default)s)')
+    ref = sub.add_parser('ref', help='reference statistics of a dataset (every image)')
+    ref.add_argument('--data', required=True, help='dataset: zip or folder in EDM format')
+    ref.add_argument('--dest', required=True, help='output npz (mu, sigma)')
+    for q in (calc, ref):
+        q.add_argument('--detector', default=DETECTOR_URL, help='Inception-v3 TorchScript file or pickle, path or URL (default: %(default)s)')
+        q.add_argument('--batch', type=int, default=64, help='images per batch and rank (default: %(default)s)')
+    args = p.parse_args(argv)
+    if args.batch < 1 or (args.cmd == 'calc' and args.num < 2):
+        p.error('--batch must be >= 1 and --num >= 2')
+
+    rank, world, device = init_distributed()
+    try:
+        if args.cmd == 'calc':
+            mu_ref, sigma_ref = load_ref(args.ref)                  # fail on a bad reference before any work
+        detector = load_detector(args.detector, device)
+        if args.cmd == 'ref':
+            stats = compute_stats(image_batches(args.data, None, args.batch, rank, world, device), detector, device, rank=rank)
+            if rank == 0:
+                mu, sigma = stats.mu_sigma()
+                save_ref(args.dest, mu, sigma)
+                print(f'statistics of {stats.n} images: {args.dest}')
+        elif args.images:
+            stats = compute_stats(image_batches(args.images, args.num, args.batch, rank, world, device),
+                                  detector, device, args.num, rank)
+        else:
+            import sample_min                                       # lazy: needs gdd.py and edm_nets.py
+            seeds = args.seeds or list(range(args.num))
+            net = sample_min.load_net(args.net, device)
+            batches = (images for _, images in sample_min.generate_images(
+                net, seeds[rank::world], args.batch, None, args.steps, device))
+            stats = compute_stats(batches, detector, device, len(seeds), rank)
+        if args.cmd == 'calc' and rank == 0:
+            mu, sigma = stats.mu_sigma()
+            if mu.shape != mu_ref.shape:
+                raise ValueError(f'detector features have {mu.size} dimensions, the reference {mu_ref.size}')
+            fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+            print(f'FID {fid:.4f} ({stats.n} images)')
+            return fid
+    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as e:
+        msg = str(e.args[-1] if isinstance(e, FileNotFoundError) and e.args else e).strip().splitlines()
+        raise SystemExit(f'error: {msg[0] if msg else type(e).__name__}') from None
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

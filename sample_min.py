@@ -1,0 +1,209 @@
+"""Sample images from a one-step GDD generator (one network evaluation) or from an EDM teacher (EDM sampler).
+
+    python sample_min.py                                       # toy generator of `python train_min.py toy` -> grid
+    python sample_min.py --net ckpt.pt --seeds 0-49999 --outdir out     # PNGs in EDM's layout (folders of 1000)
+    python sample_min.py --net edm-cifar10-32x32-cond-ve.pkl --steps 18 --grid teacher.png
+    torchrun --nproc_per_node=8 sample_min.py --net URL --seeds 0-49999 --npz samples.npz
+
+--net takes a project checkpoint, an official GDD/D2O release pickle (class D2OPrecond) or an EDM teacher pickle,
+by path or URL; gdd.load_generator reads all three without executing code from the file.
+"""
+
+import argparse
+import math
+import os
+import pickle
+import time
+
+import numpy as np
+import PIL.Image
+import torch
+
+import edm_nets
+import gdd
+from fid_min import init_distributed, parse_seeds
+
+DEFAULT_NET = 'assets/toy-gdd.pt'
+
+#----------------------------------------------------------------------------
+# Per-image randomness exactly as EDM's generate.py (edm-formats.md (d)): one torch.Generator per seed,
+# seeded with seed % 2^32, created on the sampling device. Image i's latents are its generator's first
+# randn([C, H, W]); for conditional nets its class is the next randint(label_dim); the stochastic sampler's
+# noise continues from the same generator. An image therefore depends only on its seed, not on the batch.
+
+class SeededRandom:
+    def __init__(self, seeds, device):
+        self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+
+    def randn(self, shape, device):
+        return torch.stack([torch.randn(shape, generator=g, device=device) for g in self.generators])
+
+    def randn_like(self, x):
+        return self.randn(x.shape[1:], x.device).to(x.dtype)
+
+    def randint(self, high, device):
+        return torch.stack([torch.randint(high, [], generator=g, device=device) for g in self.generators])
+
+
+def quantize(x):
+    """Float images in ~[-1, 1] -> uint8, as EDM saves PNGs: uint8(clip(127.5 x + 128, 0, 255)), truncating (recipe A.3)."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+class NFECounter:
+    """Counts network evaluations (forward calls times batch size) of a teacher."""
+    def __init__(self, net):
+        self.calls = 0
+        net.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+
+
+def generate_images(net, seeds, batch=64, class_idx=None, steps=18, device='cpu'):
+    """Yield (seeds, uint8 images [B, C, H, W] on `device`) for `seeds` in order, `batch` at a time.
+    A GDD generator (gdd.GDDPrecond) is run once, x = G(80 z; 80, c) (recipe A.3); any other network is a
+    teacher sampled with EDM's Heun sampler in `steps` steps (2 steps - 1 evaluations, recipe F.3)."""
+    one_step = isinstance(net, gdd.GDDPrecond)
+    if class_idx is not None and not 0 <= class_idx < net.label_dim:
+        raise ValueError(f'--class {class_idx} is out of range for a network with label_dim={net.label_dim}')
+    for i in range(0, len(seeds), batch):
+        batch_seeds = seeds[i:i + batch]
+        rnd = SeededRandom(batch_seeds, device)
+        latents = rnd.randn([net.img_channels, net.img_resolution, net.img_resolution], device)
+        class_labels = None
+        if net.label_dim:
+            # The class is drawn even when --class overrides it, so the generator state matches EDM's.
+            class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, device)]
+            if class_idx is not None:
+                class_labels = torch.eye(net.label_dim, device=device)[[class_idx] * len(batch_seeds)]
+        with torch.no_grad():
+            if one_step:
+                images = gdd.generate(net, latents, class_labels)
+            else:
+                images = edm_nets.edm_sampler(net, latents, class_labels, num_steps=steps, randn_like=rnd.randn_like)
+        yield batch_seeds, quantize(images)
+
+#----------------------------------------------------------------------------
+# Command line.
+
+def load_net(source, device):
+    """Generator or teacher from a path or URL, with one-line errors for files that are missing or unreadable."""
+    if source == DEFAULT_NET and not os.path.exists(source):
+        raise SystemExit(f'error: {source} not found; create the toy generator first with `python train_min.py toy`')
+    try:
+        net = gdd.load_generator(source, device=device)
+    except FileNotFoundError as e:
+        raise SystemExit(f'error: {e.args[-1] if e.args else e}') from None
+    except (ValueError, OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        raise SystemExit(f'error: cannot load --net {source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+    return net.eval().requires_grad_(False)
+
+
+def gather_to_rank0(items):
+    """Concatenate per-rank lists on rank 0 (other ranks get None); identity without torch.distributed."""
+    if not torch.distributed.is_initialized():
+        return items
+    parts = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(items, parts, dst=0)
+    return None if parts is None else [x for p in parts for x in p]
+
+
+def _to_pil(image):
+    """uint8 [C, H, W] array -> PIL image (mode L for one channel, RGB for three)."""
+    return PIL.Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+
+
+def _atomic(path, write):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def save_grid(images, path):
+    """uint8 [N, C, H, W] -> one PNG, ceil(sqrt(N)) images per row."""
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros([c, rows * h, cols * w], dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = image
+    _atomic(path, lambda f: _to_pil(grid).save(f, format='png'))
+
+#----------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--net', default=DEFAULT_NET, help='checkpoint / GDD or D2O pickle / EDM teacher pickle, path or URL (default: %(default)s)')
+    p.add_argument('--seeds', type=parse_seeds, default='0-63', help='seeds, e.g. 0-49999 or 0,5,10-12 (default: %(default)s)')
+    p.add_argument('--class', dest='class_idx', type=int, default=None, help='class for every image (default: random per seed)')
+    p.add_argument('--batch', type=int, default=64, help='images per batch and rank (default: %(default)s)')
+    p.add_argument('--steps', type=int, default=18, help='EDM sampler steps for a teacher (NFE = 2 steps - 1; default: %(default)s)')
+    p.add_argument('--outdir', help='write {seed:06d}.png per image in folders of 1000, as EDM')
+    p.add_argument('--grid', help='write one PNG grid of all images (default when no output is given: runs/samples.png)')
+    p.add_argument('--npz', help='write a compressed npz: images uint8 [N, H, W, C], seeds [N]')
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.steps < 2:
+        p.error('--batch must be >= 1 and --steps >= 2')
+    if not (args.outdir or args.grid or args.npz):
+        args.grid = os.path.join('runs', 'samples.png')
+
+    rank, world, device = init_distributed()
+    net = load_net(args.net, device)
+    one_step = isinstance(net, gdd.GDDPrecond)
+    counter = None if one_step else NFECounter(net)
+    seeds = args.seeds[rank::world]
+    if rank == 0:
+        kind = 'one-step generator' if one_step else f'EDM teacher, {args.steps}-step sampler'
+        print(f'{args.net}: {kind}, {len(args.seeds)} images, {world} process(es) on {device}')
+
+    kept = []                                       # (seed, uint8 CHW) for the grid / npz
+    elapsed, done = 0.0, 0
+    t0 = time.perf_counter()
+    try:
+        for batch_seeds, images in generate_images(net, seeds, args.batch, args.class_idx, args.steps, device):
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            elapsed += time.perf_counter() - t0
+            images = images.cpu().numpy()
+            done += len(batch_seeds)
+            if args.outdir:
+                for seed, image in zip(batch_seeds, images):
+                    path = os.path.join(args.outdir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png')
+                    _atomic(path, lambda f: _to_pil(image).save(f, format='png'))
+            if args.grid or args.npz:
+                kept.extend(zip(batch_seeds, images))
+            if rank == 0:
+                print(f'\r{done}/{len(seeds)} images', end='', flush=True)
+            t0 = time.perf_counter()
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    if rank == 0:
+        print()
+
+    kept = gather_to_rank0(kept)
+    if rank == 0:
+        kept.sort(key=lambda item: item[0])
+        if args.grid:
+            save_grid(np.stack([x for _, x in kept]), args.grid)
+            print(f'grid of {len(kept)} images: {args.grid}')
+        if args.npz:
+            images = np.stack([x.transpose(1, 2, 0) for _, x in kept])
+            _atomic(args.npz, lambda f: np.savez_compressed(f, images=images, seeds=np.array([s for s, _ in kept])))
+            print(f'{len(kept)} images: {args.npz}')
+        if args.outdir:
+            print(f'PNGs: {args.outdir}')
+        # Throughput of this process (rank 0); with N processes the total is about N times this.
+        line = f'{done} images in {elapsed:.2f} s: {done / max(elapsed, 1e-9):.2f} images/s'
+        if counter is not None and done:
+            line += f', {counter.calls / math.ceil(done / args.batch):.0f} network evaluations per image'
+        print(line + ('' if world == 1 else f' (rank 0 of {world})'))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

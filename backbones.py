@@ -12,6 +12,7 @@ deterministic fill of tests/fixtures/backbones/README.md section 2, which is wha
 
 import json
 import math
+import os
 import sys
 import zlib
 
@@ -345,7 +346,9 @@ def read_safetensors(path):
     data_offsets: [begin, end]}} (plus optional __metadata__), then the raw little-endian C-order bytes."""
     if sys.byteorder != 'little':
         raise ValueError('reading safetensors needs a little-endian machine')
-    data = bytearray(open(path, 'rb').read())
+    with open(path, 'rb') as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        f.readinto(data)
     if len(data) < 8:
         raise ValueError(f'{path}: not a safetensors file (too short)')
     n = int.from_bytes(data[:8], 'little')
@@ -362,7 +365,8 @@ def read_safetensors(path):
         if name == '__metadata__':
             continue
         try:
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info['dtype']], [int(s) for s in info['shape']], info['data_offsets']
+            dtype, shape = SAFETENSORS_DTYPES[info['dtype']], [int(s) for s in info['shape']]
+            begin, end = (int(o) for o in info['data_offsets'])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f'{path}: bad safetensors entry for {name!r}: {info}') from None
         numel = math.prod(shape)

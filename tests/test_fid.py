@@ -1,7 +1,18 @@
+import io
+import os
+import pickle
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
-import fid_min
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fid_min  # noqa: E402
+from edm_pickle import dump_edm_pickle  # noqa: E402
+from train_min import save_dataset  # noqa: E402
 
 
 def test_feature_stats_match_numpy_and_batching():
@@ -34,16 +45,6 @@ def test_fid_closed_form_diagonal_gaussians():
 
 #----------------------------------------------------------------------------
 # The command line pipeline with a stand-in detector (the real Inception file is not available offline).
-
-import io
-import os
-import pickle
-import zipfile
-
-import pytest
-
-from tests.edm_pickle import dump_edm_pickle
-from train_min import save_dataset
 
 
 class StandInDetector(torch.nn.Module):

@@ -166,3 +166,23 @@ def test_bad_inputs_give_one_line_errors(files, tmp_path):
     assert 'not a TorchScript module' in error_of('calc', '--images', d / 'data', '--num', 10, '--ref', tmp_path / 'ref.npz', '--detector', tmp_path / 'weights.pt')
     dump_edm_pickle(DetectorRecord(b'no archive'), str(tmp_path / 'python.pkl'))
     assert 'TorchScript archive' in error_of('calc', '--images', d / 'data', '--num', 10, '--ref', tmp_path / 'ref.npz', '--detector', tmp_path / 'python.pkl')
+
+
+def _ref_worker(rank, port, data, dest, det):
+    os.environ.update(WORLD_SIZE='2', RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    fid_min.main(['ref', '--data', data, '--dest', dest, '--detector', det, '--batch', '6'])
+
+
+def test_two_process_gloo_stats_equal_single_process(files, tmp_path):
+    # torchrun's environment, two CPU processes: each takes every second image, sums are all-reduced.
+    import socket
+    d, _ = files
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ref_worker, args=(port, str(d / 'data'), str(tmp_path / 'ref2.npz'), str(d / 'det.pt')), nprocs=2)
+    run('ref', '--data', d / 'data', '--dest', tmp_path / 'ref1.npz', '--detector', d / 'det.pt')
+    (mu2, sigma2), (mu1, sigma1) = ref_stats(tmp_path / 'ref2.npz'), ref_stats(tmp_path / 'ref1.npz')
+    np.testing.assert_allclose(mu2, mu1, atol=1e-9)
+    np.testing.assert_allclose(sigma2, sigma1, atol=1e-9)

@@ -41,33 +41,29 @@ import edm_nets
 
 class FeatureStats:
     """Running float64 sums of f and f f^T; `reduce()` sums them across torch.distributed ranks."""
-    def __init__(self, dim=None):
+    def __init__(self):
         self.n, self.sum, self.sum_sq = 0, None, None
-        if dim is not None:
-            self._init(dim)
-
-    def _init(self, dim):
-        self.sum = torch.zeros(dim, dtype=torch.float64)
-        self.sum_sq = torch.zeros(dim, dim, dtype=torch.float64)
 
     def add(self, features):
-        f = torch.as_tensor(features).detach().to('cpu', torch.float64)
+        f = torch.as_tensor(features).detach().to(torch.float64)    # stays on its device (fast float64 on GPUs)
         if f.ndim != 2:
             raise ValueError(f'features must have shape [N, D], got {list(f.shape)}')
         if self.sum is None:
-            self._init(f.shape[1])
+            self.sum = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
+            self.sum_sq = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
         self.n += f.shape[0]
         self.sum += f.sum(dim=0)
         self.sum_sq += f.T @ f
 
-    def reduce(self, device='cpu'):
+    def reduce(self):
         # Sum N, sum(f) and sum(f f^T) over ranks: the statistics of the union of every rank's images.
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return self
-        flat = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.sum, self.sum_sq.flatten()])
-        flat = flat.to(device)
+        if self.sum is None:
+            raise ValueError('a rank got no images: use fewer processes than images')
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sum.device)
+        flat = torch.cat([n, self.sum, self.sum_sq.flatten()])
         torch.distributed.all_reduce(flat)
-        flat = flat.cpu()
         d = self.sum.numel()
         self.n = int(round(flat[0].item()))
         self.sum, self.sum_sq = flat[1:1 + d].clone(), flat[1 + d:].reshape(d, d).clone()
@@ -78,7 +74,7 @@ class FeatureStats:
             raise ValueError(f'need at least 2 feature vectors for a covariance, got {self.n}')
         mu = self.sum / self.n
         sigma = (self.sum_sq - self.n * torch.outer(mu, mu)) / (self.n - 1)
-        return mu.numpy(), sigma.numpy()
+        return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
 def feature_stats(features):
@@ -200,7 +196,7 @@ def compute_stats(batches, detector, device='cpu', total=None, rank=0):
             print(f'\r{stats.n}{"" if total is None else f"/{total}"} images (rank 0)', end='', flush=True)
     if rank == 0:
         print()
-    return stats.reduce(device)
+    return stats.reduce()
 
 
 def load_ref(source):

@@ -683,9 +683,10 @@ def build_network(class_name, init_kwargs, state_dict=None, classes=None):
         raise ValueError(f'unsupported network class {class_name!r}; supported: {", ".join(sorted(known))}')
     if state_dict is None:
         return known[class_name](**init_kwargs)
-    with torch.device('meta'):  # no random init: every tensor comes from state_dict
+    with torch.device('meta'):  # skip the random init: every tensor is then copied from state_dict
         net = known[class_name](**init_kwargs)
-    net.load_state_dict(state_dict, strict=True, assign=True)
+    net = net.to_empty(device='cpu')
+    net.load_state_dict(state_dict, strict=True)  # copies, so two networks built from one state_dict never share memory
     return net
 
 
@@ -797,3 +798,38 @@ def edm_sampler(net, latents, class_labels=None, num_steps=18, sigma_min=0.002, 
             d_prime = (x_next - net(x_next, t_next, class_labels).to(torch.float64)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
+
+# ----------------------------------------------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    import argparse
+    import time
+    parser = argparse.ArgumentParser(description='Micro-benchmark: forward+backward of the CIFAR-10 NCSN++ network '
+                                                 '(kwargs of edm-cifar10-32x32-uncond-ve.pkl) at sigma = 80.')
+    parser.add_argument('--bench', action='store_true', help='run the benchmark')
+    parser.add_argument('--batch', type=int, default=8, help='batch size (default: 8)')
+    parser.add_argument('--iters', type=int, default=3, help='timed iterations after one warm-up (default: 3)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
+    args = parser.parse_args()
+    if not args.bench:
+        parser.print_help()
+        raise SystemExit(0)
+    if args.batch < 1 or args.iters < 1:
+        parser.error('--batch and --iters must be positive')
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=32, img_channels=3, model_type='SongUNet', embedding_type='fourier', encoder_type='residual',
+                     decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
+                     channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13, use_fp16=args.device == 'cuda').to(args.device).train()
+    x = torch.randn(args.batch, 3, 32, 32, device=args.device) * 80
+    sigma = torch.full([args.batch], 80.0, device=args.device)
+    times = []
+    for i in range(args.iters + 1):
+        t0 = time.perf_counter()
+        net(x, sigma).square().mean().backward()
+        if args.device == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        print(f'iter {i}: {times[-1]:.3f} s' + (' (warm-up)' if i == 0 else ''), file=sys.stderr)
+    params = sum(p.numel() for p in net.parameters())
+    print(f'NCSN++ CIFAR-10 ({params / 1e6:.1f}M params), batch {args.batch}, {args.device}, {torch.get_num_threads()} threads'
+          f'{", bf16" if net.use_fp16 else ""}: forward+backward median {np.median(times[1:]):.2f} s, min {min(times[1:]):.2f} s over {args.iters} iterations')

@@ -341,3 +341,13 @@ def test_bf16_path(name, monkeypatch):
     assert all(p.grad is not None and p.grad.dtype == fp32 for p in net.parameters() if p.requires_grad and p.grad is not None)
     assert net.model.map_layer0.weight.grad is not None and net.model.map_layer0.weight.dtype == fp32
     assert torch.equal(net(x, sigma, labels, force_fp32=True).detach(), d['out'])
+
+
+def test_networks_built_from_one_state_dict_do_not_share_memory():
+    d = load_fixture('tiny_dhariwal_cond.pt')
+    a = edm_nets.build_network(d['precond'], d['kwargs'], d['state_dict'])
+    b = edm_nets.build_network(d['precond'], d['kwargs'], d['state_dict'])
+    with torch.no_grad():
+        a.model.out_conv.weight.add_(1)
+    assert torch.equal(b.model.out_conv.weight, d['state_dict']['model.out_conv.weight'])
+    assert all(p.requires_grad for p in a.parameters())  # ready for fine-tuning; eval/no-grad is the caller's choice

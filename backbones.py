@@ -38,7 +38,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def preprocess(x, mean, std, size=224):
     """Recipe E.3: [-1,1] -> [0,1] -> (x - mean) / std per channel -> bilinear resize to 224 (after the
-    normalisation, align_corners=False, no antialiasing)."""
+    normalisation, align_corners=False, no antialiasing). The official code resizes only inputs below 224
+    (and always for DeiT); every preset's data is 32 or 64 px, so here every input is brought to 224."""
     mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     x = ((x + 1) / 2 - mean) / std

@@ -1,17 +1,34 @@
-"""Train a one-step generator with GDD / GDD-I (gdd.py), one preset per paper configuration.
+"""Train a one-step generator with GDD / GDD-I (gdd.py). One preset per configuration of the paper.
 
-    python train_min.py toy                 # offline demo: toy data, shipped toy teacher, CPU, minutes
-    python train_min.py cifar10 --data cifar10-32x32.zip
-    python train_min.py PRESET --help       # every preset value, overridable on the command line
+    python train_min.py toy                          # offline demo on a CPU: toy data + the shipped toy teacher
+    python train_min.py cifar10 --data cifar10-32x32.zip          # GDD-I; add --freeze 0 for GDD
+    python train_min.py toy-teacher                  # re-make assets/toy-teacher.pt with EDM's training loss
+    python train_min.py PRESET --help                # every value of the preset, each overridable
+
+Outputs go to --outdir/NNNNN-PRESET/: log.txt, network-snapshot-KKKKKK.pt (EMA generator, gdd-min checkpoint
+format), samples-KKKKKK.png (fixed seeds), and for --fd-images > 0 compare.png + metrics.json.
 """
 
+import argparse
+import copy
 import io
 import json
+import math
 import os
+import re
+import sys
+import time
 import zipfile
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
+import torch
+import torch.nn.functional as F
+
+import edm_nets
+import fid_min
+import gdd
 
 #----------------------------------------------------------------------------
 # Dataset: EDM's format (edm-formats.md (b)), a zip or a folder of PNGs plus an optional dataset.json
@@ -155,3 +172,434 @@ def save_dataset(path, images, labels=None):
         with open(os.path.join(tmp, 'dataset.json'), 'w') as f:
             json.dump(meta, f)
         os.replace(tmp, path)
+
+#----------------------------------------------------------------------------
+# Toy data: 10 classes of anti-aliased shapes (class = shape) of random colour, size, position and rotation on
+# a random vertical colour gradient. Drawn with pillow at 4x and downsampled, deterministic for a seed.
+
+TOY_IMAGES, TOY_SEED = 20000, 0     # the toy training set; the second draw (seed 1) measures the floor
+
+def draw_toy_images(n, seed, resolution=32, supersample=4):
+    rng = np.random.RandomState(seed)
+    S = resolution * supersample
+    labels = rng.randint(0, 10, size=n)
+    images = np.zeros([n, 3, resolution, resolution], dtype=np.uint8)
+    for i, cls in enumerate(labels):
+        t = np.linspace(0, 1, S)[:, None, None]
+        top, bottom = rng.randint(0, 160, size=3), rng.randint(0, 160, size=3)
+        img = PIL.Image.fromarray(np.broadcast_to((top * (1 - t) + bottom * t).astype(np.uint8), (S, S, 3)).copy())
+        draw = PIL.ImageDraw.Draw(img)
+        fg = tuple(int(v) for v in rng.randint(96, 256, size=3))
+        r = rng.uniform(0.18, 0.32) * S
+        cx, cy = rng.uniform(r, S - r, size=2)
+        a = rng.uniform(0, 2 * np.pi)
+        w = int(r * 0.35)
+        at = lambda rr, phi: (cx + rr * np.cos(phi), cy + rr * np.sin(phi))
+        polygon = lambda k: [at(r, a + 2 * np.pi * j / k) for j in range(k)]
+        box = lambda x, y, rr: [x - rr, y - rr, x + rr, y + rr]
+        if cls == 0:   draw.ellipse(box(cx, cy, r), fill=fg)                                  # disc
+        elif cls == 1: draw.polygon(polygon(4), fill=fg)                                      # square
+        elif cls == 2: draw.polygon(polygon(3), fill=fg)                                      # triangle
+        elif cls == 3: draw.ellipse(box(cx, cy, r), outline=fg, width=w)                      # ring
+        elif cls == 4:                                                                        # cross
+            for phi in (a, a + np.pi / 2):
+                draw.line([at(-r, phi), at(r, phi)], fill=fg, width=w)
+        elif cls == 5: draw.polygon(polygon(6), fill=fg)                                      # hexagon
+        elif cls == 6: draw.polygon([at(r if j % 2 == 0 else 0.45 * r, a + np.pi * j / 5) for j in range(10)], fill=fg)  # star
+        elif cls == 7: draw.polygon(polygon(4), outline=fg, width=w)                          # square outline
+        elif cls == 8:                                                                        # two discs
+            for s in (-0.5, 0.5):
+                draw.ellipse(box(*at(s * r, a), 0.5 * r), fill=fg)
+        else:                                                                                 # three lines
+            for s in (-0.6, 0, 0.6):
+                ox, oy = -np.sin(a) * s * r, np.cos(a) * s * r
+                draw.line([(x + ox, y + oy) for x, y in (at(-r, a), at(r, a))], fill=fg, width=max(w // 2, 1))
+        images[i] = np.asarray(img.resize((resolution, resolution), PIL.Image.LANCZOS)).transpose(2, 0, 1)
+    return images, labels
+
+
+def toy_dataset(run_dir):
+    path = os.path.join(run_dir, 'toy-32x32.zip')
+    print(f'Drawing the toy dataset ({TOY_IMAGES} images) into {path}')
+    save_dataset(path, *draw_toy_images(TOY_IMAGES, TOY_SEED))
+    return path
+
+#----------------------------------------------------------------------------
+# Architectures (recipe A.1; EDM train.py kwargs) and presets: one row of the paper's table each (recipe G,
+# C.1-C.3). 'lr'/'dlr' are the Adam rates of G/D (D gets x16/17, C.1), 'ema' the EMA half-life in Mimg (its
+# ramp dominates, quirk I.7), 'kimg' the duration, 'freeze' the GDD-I level (0 = GDD).
+
+ARCHS = {
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128),
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=128),
+    'adm':    dict(model_type='DhariwalUNet', model_channels=192),
+    'toy':    dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=16, num_blocks=1, attn_resolutions=[8],
+                   dropout=0),   # a 0.3M-parameter DDPM++
+}
+
+EDM_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/'
+CIFAR_D = 'vgg16_bn,tf_efficientnet_lite0'                          # recipe E.2, --backbone 1
+IMAGENET_D = 'deit_base_distilled_patch16_224,tf_efficientnet_lite0' # recipe E.2, --backbone 0
+
+PRESETS = {
+    'cifar10':      dict(teacher=EDM_URL + 'edm-cifar10-32x32-uncond-ve.pkl', arch='ncsnpp', cres='2,2,2',
+                         batch=256, lr=1e-4, dlr=1e-4, ema=0.5, kimg=5000, r1_gamma=1e-4, freeze=1, features=CIFAR_D),
+    'cifar10-cond': dict(teacher=EDM_URL + 'edm-cifar10-32x32-cond-ve.pkl', arch='ncsnpp', cres='2,2,2',
+                         batch=256, lr=1e-4, dlr=1e-4, ema=0.5, kimg=5000, r1_gamma=1e-4, freeze=1, features=CIFAR_D),
+    'afhqv2':       dict(teacher=EDM_URL + 'edm-afhqv2-64x64-uncond-ve.pkl', arch='ncsnpp', cres='1,2,2,2',
+                         batch=256, lr=2e-5, dlr=4e-5, ema=0.5, kimg=10000, r1_gamma=1e-4, freeze=1, features=IMAGENET_D),
+    'ffhq':         dict(teacher=EDM_URL + 'edm-ffhq-64x64-uncond-ve.pkl', arch='ncsnpp', cres='1,2,2,2',
+                         batch=256, lr=2e-5, dlr=4e-5, ema=0.5, kimg=10000, r1_gamma=1e-4, freeze=1, features=IMAGENET_D),
+    'imagenet64':   dict(teacher=EDM_URL + 'edm-imagenet-64x64-cond-adm.pkl', arch='adm', cres='1,2,3,4',
+                         batch=512, lr=8e-6, dlr=4e-5, ema=50, kimg=10000, r1_gamma=1e-4, freeze=1, features=IMAGENET_D),
+    # The offline demo: toy data, the shipped toy teacher, the teacher's own encoder as D's feature network.
+    'toy':          dict(teacher='assets/toy-teacher.pt', arch='toy', cres='1,2,2',
+                         batch=32, lr=2e-4, dlr=2e-4, ema=0.5, kimg=32, r1_gamma=1e-4, freeze=1, features='teacher',
+                         dwidth=0.25, tick=4, snap=0, workers=0, fd_images=1000),
+    # Makes assets/toy-teacher.pt: EDM's training loss on the toy data.
+    'toy-teacher':  dict(arch='toy', cres='1,2,2', batch=64, lr=1e-3, ema=0.02, kimg=150, tick=5, snap=0, workers=0,
+                         export='assets/toy-teacher.pt'),
+}
+
+COMMON = dict(
+    data='',            # dataset zip/folder (EDM format); '' = draw the toy dataset
+    xflip=False,        # add x-flipped copies of the data
+    dwidth=1.0,         # discriminator width: CCM channels 64*dwidth, mini-D channel table (recipe E.7) * dwidth
+    teacher_sigma=gdd.TEACHER_FEATURE_SIGMA,    # noise level of the 'teacher' feature network
+    proj_seed=0,        # seed of D's frozen random projections (same on every rank)
+    fd_images=0,        # > 0: at the end, 8x8 Frechet distances of this many images + compare.png (toy demo)
+    seed=42,            # recipe C.4
+    tick=25,            # kimg between progress lines
+    snap=10,            # ticks between snapshots (0: only at the end)
+    workers=4,          # data-loading processes
+    outdir='runs',      # one sub-folder per run
+    export='',          # also copy the final network to this path
+    device='auto',      # 'cuda' when available, else 'cpu'
+)
+
+HELP = dict(
+    teacher='EDM teacher: pickle or gdd-min checkpoint, path or URL', arch='teacher architecture (checked on load)',
+    cres='channel multipliers per resolution', batch='global batch size', lr='generator learning rate (Adam)',
+    dlr='discriminator learning rate (x16/17)', ema='EMA half-life in Mimg (capped by the 5%% ramp)',
+    kimg='training duration in thousands of images', r1_gamma='R1 weight gamma', freeze='GDD-I freezing level (0 = GDD)',
+    features="D's feature networks: 'teacher' or ImageNet backbone names, comma separated",
+    **{k: re.sub(r'\s+', ' ', v) for k, v in dict(
+        data="dataset zip/folder (EDM format); '' = draw the toy dataset", xflip='add x-flipped copies of the data',
+        dwidth='discriminator width multiplier (CCM channels 64*dwidth, mini-D channels)',
+        teacher_sigma="noise level of the 'teacher' feature network", proj_seed="seed of D's frozen random projections",
+        fd_images='> 0: 8x8 Frechet distances on this many images + compare.png at the end', seed='random seed',
+        tick='kimg between progress lines', snap='ticks between snapshots (0 = at the end only)',
+        workers='data-loading processes', outdir='parent folder of the run folders',
+        export='also save the final network here', device="'auto', 'cpu', 'cuda', ...").items()})
+
+TEACHER_LR_RAMPUP_KIMG = 10     # toy teacher: linear lr warm-up (EDM uses 10 Mimg at batch 512)
+
+#----------------------------------------------------------------------------
+# Command line: `train_min.py PRESET [--option value ...]`; --help after the preset shows its values.
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0].startswith('-'):
+        print(__doc__.strip() + '\n\npresets: ' + ', '.join(PRESETS))
+        raise SystemExit(0 if argv and argv[0] in ('-h', '--help') else 2)
+    preset = argv[0]
+    if preset not in PRESETS:
+        raise SystemExit(f'error: unknown preset {preset!r}; choose from {", ".join(PRESETS)}')
+    keys = [k for k in COMMON if preset == 'toy-teacher' and k in ('data', 'xflip', 'seed', 'tick', 'snap', 'workers',
+                                                                   'outdir', 'export', 'device') or preset != 'toy-teacher']
+    values = {**{k: COMMON[k] for k in keys}, **PRESETS[preset]}
+    parser = argparse.ArgumentParser(prog=f'train_min.py {preset}', description=f'Preset {preset!r}; every value can be overridden.',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for key, default in values.items():
+        flag, kind = '--' + key.replace('_', '-'), _bool if isinstance(default, bool) else float if key in ('kimg', 'tick') else type(default)
+        parser.add_argument(flag, type=kind, default=default, metavar=key.upper(), help=HELP[key])
+    if 'features' in values:
+        parser.add_argument('--backbone-weights', action='append', default=[], metavar='NAME=PATH_OR_URL',
+                            help='weights of an ImageNet feature network (default: backbones.WEIGHT_URLS)')
+    cfg = parser.parse_args(argv[1:])
+    cfg.preset = preset
+    return cfg
+
+
+def _bool(s):
+    if s.lower() in ('1', 'true', 'yes'):
+        return True
+    if s.lower() in ('0', 'false', 'no'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected a boolean, got {s!r}')
+
+
+def arch_kwargs(cfg):
+    return {**ARCHS[cfg.arch], 'channel_mult': [int(m) for m in cfg.cres.split(',')]}
+
+
+def make_run_dir(cfg):
+    os.makedirs(cfg.outdir, exist_ok=True)
+    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in os.listdir(cfg.outdir)) if m]
+    run_dir = os.path.join(cfg.outdir, f'{max(ids, default=-1) + 1:05d}-{cfg.preset}')
+    os.makedirs(run_dir)
+    return run_dir
+
+
+class Logger:
+    """print() to the console and to run_dir/log.txt."""
+    def __init__(self, path):
+        self.file, self.stdout = open(path, 'a'), sys.stdout
+
+    def write(self, text):
+        self.stdout.write(text)
+        self.file.write(text)
+        self.file.flush()
+
+    def flush(self):
+        self.stdout.flush()
+
+#----------------------------------------------------------------------------
+# Data: an endless stream of per-epoch random permutations. Each rank of a multi-process run would take every
+# num_replicas-th index of the same permutation.
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    def __init__(self, size, seed=0, rank=0, num_replicas=1):
+        self.size, self.seed, self.rank, self.num_replicas = size, seed, rank, num_replicas
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            order = np.random.RandomState([self.seed, epoch]).permutation(self.size)
+            yield from order[self.rank::self.num_replicas].tolist()
+            epoch += 1
+
+
+def batches(dataset, batch, seed, workers, device):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=InfiniteSampler(len(dataset), seed),
+                                         num_workers=workers, pin_memory=(device.type == 'cuda'), drop_last=True)
+    for images, labels in loader:
+        yield images.to(device).to(torch.float32) / 127.5 - 1, labels.to(device)   # uint8 -> [-1, 1]
+
+
+def open_dataset(cfg, run_dir, use_labels=True, teacher=None):
+    dataset = ImageDataset(cfg.data or toy_dataset(run_dir), use_labels=use_labels, xflip=cfg.xflip)
+    if teacher is not None:     # the student inherits the teacher's geometry and conditioning
+        have = (dataset.resolution, dataset.num_channels, dataset.label_dim)
+        want = (teacher.img_resolution, teacher.img_channels, teacher.label_dim)
+        if have != want:
+            raise SystemExit(f'error: dataset {dataset.name} has (resolution, channels, label_dim) = {have}, '
+                             f'the teacher needs {want}')
+    print(f'Dataset {dataset.name}: {len(dataset)} images, {dataset.resolution}x{dataset.resolution}x'
+          f'{dataset.num_channels}, label_dim {dataset.label_dim}')
+    return dataset
+
+
+def fixed_latents(net, n=64, seed=0, device='cpu'):
+    """Latents and labels (class i % label_dim) of the snapshot grids: the same images at every snapshot."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn([n, net.img_channels, net.img_resolution, net.img_resolution], generator=g)
+    c = torch.eye(net.label_dim)[torch.arange(n) % net.label_dim] if net.label_dim else None
+    return z.to(device), (None if c is None else c.to(device))
+
+
+def to_uint8(x):
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)     # export quantisation (recipe A.3)
+
+
+def save_grid(images, path, cols=8):
+    """uint8 [N, C, H, W] -> one PNG, written atomically."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / cols)
+    grid = np.zeros([rows * h, cols * w, c], dtype=np.uint8)
+    for i, x in enumerate(images.cpu().numpy()):
+        grid[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = x.transpose(1, 2, 0)
+    image = PIL.Image.fromarray(grid[:, :, 0] if c == 1 else grid)
+    tmp = f'{path}.tmp{os.getpid()}.png'
+    image.save(tmp)
+    os.replace(tmp, path)
+
+#----------------------------------------------------------------------------
+# The toy teacher: EDM's training loss (EDM paper Eq. 2 and Table 1: ln sigma ~ N(P_mean, P_std^2),
+# lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2), Adam, EMA with EDM's ramp (the same formula as gdd.ema_beta).
+
+def train_teacher(cfg, run_dir, device):
+    P_mean, P_std, sigma_data = -1.2, 1.2, 0.5
+    torch.manual_seed(cfg.seed)
+    dataset = open_dataset(cfg, run_dir)
+    net = edm_nets.EDMPrecond(img_resolution=dataset.resolution, img_channels=dataset.num_channels,
+                              label_dim=dataset.label_dim, sigma_data=sigma_data, **arch_kwargs(cfg)).to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    print(f'Teacher: EDMPrecond({cfg.arch}), {sum(p.numel() for p in net.parameters()):,} parameters')
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    data = batches(dataset, cfg.batch, cfg.seed, cfg.workers, device)
+    seen, tick_seen, tick_time, total, start = 0, 0, time.time(), cfg.kimg * 1000, time.time()
+    while seen < total:
+        y, c = next(data)
+        sigma = (torch.randn([y.shape[0], 1, 1, 1], device=device) * P_std + P_mean).exp()
+        weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+        D_yn = net(y + torch.randn_like(y) * sigma, sigma, c)
+        loss = (weight * (D_yn - y) ** 2).sum() / y.shape[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:
+            g['lr'] = cfg.lr * min(seen / (TEACHER_LR_RAMPUP_KIMG * 1000), 1)
+        gdd.sanitize_grads(net.parameters())
+        opt.step()
+        gdd.update_ema(ema, net, gdd.ema_beta(y.shape[0], seen, cfg.ema))
+        seen += y.shape[0]
+        if seen - tick_seen >= cfg.tick * 1000 or seen >= total:
+            dt = time.time() - tick_time
+            print(f'kimg {seen / 1000:8.1f}  sec/kimg {dt / (seen - tick_seen) * 1000:6.2f}  loss {loss.item():.4f}  '
+                  f'time {time.time() - start:6.0f}s', flush=True)
+            tick_seen, tick_time = seen, time.time()
+    save_snapshot(ema, cfg, os.path.join(run_dir, f'network-snapshot-{seen // 1000:06d}.pt'))
+
+#----------------------------------------------------------------------------
+# GDD training (gdd.py does the method; this is the loop around it).
+
+def save_snapshot(net, cfg, path):
+    edm_nets.atomic_save({'format': 'gdd-min', 'ema': edm_nets.net_to_dict(net), 'config': vars(cfg)}, path)
+    if cfg.export:
+        os.makedirs(os.path.dirname(cfg.export) or '.', exist_ok=True)
+        edm_nets.atomic_save({'format': 'gdd-min', 'ema': edm_nets.net_to_dict(net), 'config': vars(cfg)}, cfg.export)
+    print(f'Saved {path}' + (f' and {cfg.export}' if cfg.export else ''))
+
+
+def load_teacher(cfg, device):
+    teacher = edm_nets.load_network(cfg.teacher, device=device).requires_grad_(False)
+    kwargs = teacher.init_kwargs
+    wrong = [f'{k}={kwargs.get(k)!r} (preset: {v!r})' for k, v in arch_kwargs(cfg).items() if kwargs.get(k) != v]
+    if type(teacher).__name__ != 'EDMPrecond' or wrong:
+        raise SystemExit(f'error: {cfg.teacher} is not an EDMPrecond {cfg.arch} network: ' +
+                         (', '.join(wrong) or type(teacher).__name__))
+    return teacher
+
+
+def train_gdd(cfg, run_dir, device):
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    teacher = load_teacher(cfg, device)
+    dataset = open_dataset(cfg, run_dir, use_labels=teacher.label_dim > 0, teacher=teacher)
+
+    G = gdd.generator_from_teacher(teacher).to(device).train()
+    G_params, _, _ = gdd.freeze_generator(G, cfg.freeze)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    weights = dict(item.split('=', 1) for item in cfg.backbone_weights)
+    D = gdd.build_discriminator(cfg.features.split(','), teacher, label_dim=teacher.label_dim, width=cfg.dwidth,
+                                cout=max(int(64 * cfg.dwidth), 8), proj_seed=cfg.proj_seed, backbone_weights=weights,
+                                teacher_sigma=cfg.teacher_sigma).to(device).train()
+    print(f'Discriminator: feature networks {cfg.features}, {sum(p.numel() for p in D.heads.parameters()):,} trainable parameters')
+    opt_G, opt_D = gdd.make_optimizers(G_params, D, cfg.lr, cfg.dlr)
+    z_grid, c_grid = fixed_latents(G, device=device)
+    data = batches(dataset, cfg.batch, cfg.seed, cfg.workers, device)
+
+    step, seen, total, start = 0, 0, cfg.kimg * 1000, time.time()
+    tick, tick_seen, tick_time, tick_stats = 0, 0, time.time(), []
+    while seen < total:
+        x, c = next(data)
+        stats = gdd.train_step(G, D, opt_G, opt_D, [(x, c)], step, cfg.r1_gamma)
+        gdd.update_ema(G_ema, G, gdd.ema_beta(cfg.batch, seen, cfg.ema))
+        step, seen = step + 1, seen + cfg.batch
+        tick_stats.append(stats)
+
+        done = seen >= total
+        if seen - tick_seen >= cfg.tick * 1000 or done:
+            dt = time.time() - tick_time
+            mean = lambda k: np.mean([s[k] for s in tick_stats if k in s]) if any(k in s for s in tick_stats) else float('nan')
+            print(f'kimg {seen / 1000:8.1f}  sec/kimg {dt / (seen - tick_seen) * 1000:6.2f}  img/s {(seen - tick_seen) / dt:7.1f}  '
+                  f'loss G {mean("loss_G"):.3f} D {mean("loss_D"):.3f}  logits real {mean("logits_real"):+.3f} '
+                  f'fake {mean("logits_fake"):+.3f}  R1 {mean("r1"):.4g}  time {time.time() - start:6.0f}s', flush=True)
+            tick, tick_seen, tick_time, tick_stats = tick + 1, seen, time.time(), []
+            if done or (cfg.snap and tick % cfg.snap == 0):
+                with torch.no_grad():
+                    save_grid(to_uint8(gdd.generate(G_ema, z_grid, c_grid)), os.path.join(run_dir, f'samples-{seen // 1000:06d}.png'))
+                save_snapshot(G_ema, cfg, os.path.join(run_dir, f'network-snapshot-{seen // 1000:06d}.pt'))
+    print(f'Training done: {step} iterations, {seen / 1000:.1f} kimg in {time.time() - start:.0f}s')
+    if cfg.fd_images:
+        evaluate_small(G_ema, teacher, dataset, cfg, run_dir, device)
+
+#----------------------------------------------------------------------------
+# Small-scale evaluation (the toy demo): Frechet distances of images downsampled to 8x8 (a 192-dimensional
+# space the discriminator never sees), for the same seeds: teacher 1 step = D(80 z; 80), teacher Heun 18 steps
+# (35 evaluations, EDM sampler), GDD 1 step; the floor compares an independent second draw of the data.
+
+def pixels8(images_uint8):
+    x = images_uint8.to(torch.float32) / 127.5 - 1
+    return F.adaptive_avg_pool2d(x, 8).flatten(1).cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def evaluate_small(G, teacher, dataset, cfg, run_dir, device, batch=250):
+    n, t0 = cfg.fd_images, time.time()
+    reals = np.stack([dataset[i][0] for i in range(len(dataset) if not dataset.xflip else len(dataset) // 2)])
+    ref = fid_min.feature_stats(pixels8(torch.from_numpy(reals)))
+    if cfg.data:
+        floor_images = torch.from_numpy(reals[np.random.RandomState(1).permutation(len(reals))[:n]])
+    else:
+        floor_images = torch.from_numpy(draw_toy_images(n, TOY_SEED + 1)[0])
+    g = torch.Generator().manual_seed(1000)
+    z = torch.randn([n, G.img_channels, G.img_resolution, G.img_resolution], generator=g)
+    c = torch.eye(G.label_dim)[torch.randint(G.label_dim, [n], generator=g)] if G.label_dim else None
+    sigma = lambda m: torch.full([m], gdd.SIGMA_MAX, device=device)
+    samplers = {
+        'teacher_1step': lambda z, c: teacher(gdd.SIGMA_MAX * z, sigma(len(z)), c),
+        'teacher_heun35': lambda z, c: edm_nets.edm_sampler(teacher, z, c, num_steps=18),
+        'gdd_1step': lambda z, c: gdd.generate(G, z, c),
+    }
+    images, metrics = {}, {'data_floor': fid_min.frechet_distance(*ref, *fid_min.feature_stats(pixels8(floor_images)))}
+    for name, sample in samplers.items():
+        parts = []
+        for i in range(0, n, batch):
+            zi, ci = z[i:i + batch].to(device), (None if c is None else c[i:i + batch].to(device))
+            parts.append(to_uint8(sample(zi, ci).to(torch.float32)).cpu())
+        images[name] = torch.cat(parts)
+        metrics[name] = fid_min.frechet_distance(*ref, *fid_min.feature_stats(pixels8(images[name])))
+        print(f'  {name:15s} 8x8 Frechet distance {metrics[name]:8.3f}  ({time.time() - t0:.0f}s)', flush=True)
+    print(f'  {"data_floor":15s} 8x8 Frechet distance {metrics["data_floor"]:8.3f}')
+    result = dict(fd_8x8=metrics, num_images=n, reference=f'{dataset.name} ({len(reals)} images)',
+                  bar=dict(gdd_le_quarter_teacher_1step=metrics['gdd_1step'] <= metrics['teacher_1step'] / 4,
+                           gdd_le_twice_teacher_heun35=metrics['gdd_1step'] <= 2 * metrics['teacher_heun35']))
+    with open(os.path.join(run_dir, 'metrics.json.tmp'), 'w') as f:
+        json.dump(result, f, indent=2)
+    os.replace(os.path.join(run_dir, 'metrics.json.tmp'), os.path.join(run_dir, 'metrics.json'))
+    save_comparison({k: images[k][:20] for k in samplers}, metrics, os.path.join(run_dir, 'compare.png'))
+
+
+def save_comparison(images, metrics, path, scale=2):
+    """Rows of the same 20 seeds, one block per sampler, captioned with its 8x8 Frechet distance."""
+    titles = {'teacher_1step': 'teacher, 1 step', 'teacher_heun35': 'teacher, Heun 18 steps (35 evaluations)',
+              'gdd_1step': 'GDD-I, 1 step'}
+    blocks = []
+    for name, x in images.items():
+        n, c, h, w = x.shape
+        cols = 10
+        grid = x.reshape(n // cols, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // cols * h, cols * w, c).numpy()
+        grid = np.asarray(PIL.Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), PIL.Image.NEAREST))
+        caption = PIL.Image.new('RGB', (grid.shape[1], 16), (255, 255, 255))
+        PIL.ImageDraw.Draw(caption).text((4, 2), f'{titles[name]}: FD8x8 {metrics[name]:.2f}', fill=(0, 0, 0))
+        blocks += [np.asarray(caption), grid]
+    tmp = f'{path}.tmp{os.getpid()}.png'
+    PIL.Image.fromarray(np.concatenate(blocks, axis=0)).save(tmp)
+    os.replace(tmp, path)
+
+#----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
+    run_dir = make_run_dir(cfg)
+    sys.stdout = Logger(os.path.join(run_dir, 'log.txt'))
+    print(f'Preset {cfg.preset}, run directory {run_dir}, device {device}')
+    print('Options: ' + json.dumps(vars(cfg)))
+    try:
+        if cfg.preset == 'toy-teacher':
+            train_teacher(cfg, run_dir, device)
+        else:
+            train_gdd(cfg, run_dir, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f'error: {e}') from None
+    finally:
+        sys.stdout = sys.stdout.stdout
+
+
+if __name__ == '__main__':
+    main()

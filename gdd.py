@@ -1,0 +1,462 @@
+"""GDD / GDD-I: a pretrained EDM diffusion model is, unchanged, a one-step generator x = D(80 z; 80), fine-tuned
+with a GAN loss only ("Diffusion Models Are Innate One-Step Generators", Zheng & Yang, arXiv 2405.20750; also
+D2O / D2O-F, arXiv 2506.09376). Read top to bottom beside the paper; "recipe X.n" points to the sections of
+the method reference (formulas, hyperparameters, quirks of the official code).
+
+  1. the generator: the teacher's network with a slightly shifted preconditioning, evaluated at sigma = 80
+  2. layer freezing (GDD-I): ~85% of the U-Net stays at its pretrained values
+  3. the projected discriminator: frozen features -> frozen random projections -> trainable mini-discriminators
+  4. losses, optimizers and one training iteration (G step, D step, lazy R1 step)
+  5. the EMA of the generator
+"""
+
+import copy
+import math
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import edm_nets
+
+#----------------------------------------------------------------------------
+# 1. The one-step generator (recipe A).
+
+SIGMA_MAX = 80.0        # the fixed noise level of the generator, in training and sampling (recipe A.3)
+
+class GDDPrecond(edm_nets._Precond):
+    """EDM preconditioning with the minimum noise level eps as a boundary (recipe A.2):
+        D(x; sigma, c) = c_skip x + c_out F(c_in x; c_noise, c)
+        c_skip = sd^2 / ((sigma - eps)^2 + sd^2),  c_out = (sigma - eps) sd / sqrt(sigma^2 + sd^2),
+        c_in = 1 / sqrt(sigma^2 + sd^2),            c_noise = ln(sigma) / 4.
+    With eps = 0 this is EDMPrecond exactly; at sigma = eps it returns x (c_skip = 1, c_out = 0).
+    Only the one-step use sigma = 80 is implemented: the official multi-step path is broken (quirk I.9)."""
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 sigma_data=0.5,        # expected standard deviation of the data
+                 eps=0.002,             # minimum noise level, the boundary of the preconditioning
+                 model_type='SongUNet', **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels, model_kwargs)
+        self.sigma_data = sigma_data
+        self.eps = eps
+        self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                                use_fp16=use_fp16, sigma_data=sigma_data, eps=eps, model_type=model_type, **model_kwargs)
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        x, sigma, class_labels = self.prepare(x, sigma, class_labels)
+        sd, eps = self.sigma_data, self.eps
+        c_skip = sd ** 2 / ((sigma - eps) ** 2 + sd ** 2)
+        c_out = (sigma - eps) * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip * x + c_out * self.unet(x, sigma, class_labels, force_fp32, c_in, c_noise, **model_kwargs)
+
+
+def generator_from_teacher(teacher):
+    """The student: the teacher's architecture (augment_dim = 0, dropout = 0, label_dropout = 0) with every
+    parameter and buffer copied by name from the teacher's 'ema' network (recipe A.1, quirk I.13). Names the
+    teacher lacks keep their init; shape mismatches are skipped with a note; teacher entries the student
+    lacks (the augmentation embedding map_augment) are dropped with a note."""
+    if type(teacher).__name__ != 'EDMPrecond':
+        raise ValueError(f'GDD starts from an EDMPrecond teacher, got {type(teacher).__name__}')
+    kwargs = {k: v for k, v in teacher.init_kwargs.items() if k not in ('sigma_min', 'sigma_max')}
+    kwargs.update(augment_dim=0, dropout=0, label_dropout=0, use_fp16=False)
+    G = GDDPrecond(**kwargs)
+    src = teacher.state_dict()
+    with torch.no_grad():
+        for name, t in G.state_dict().items():       # parameters and buffers (e.g. map_noise.freqs)
+            if name in src and src[name].shape == t.shape:
+                t.copy_(src[name])
+            elif name in src:
+                print(f'note: not copying {name}: teacher {list(src[name].shape)} vs student {list(t.shape)}')
+    for name in sorted(set(src) - set(G.state_dict())):
+        print(f'note: teacher entry {name} is not used by the generator')
+    return G
+
+
+def generate(G, z, class_labels=None):
+    """One-step generation (recipe A.3): x = D(80 z; 80, c), z ~ N(0, I). Float32, not clipped."""
+    sigma = torch.full([z.shape[0]], SIGMA_MAX, device=z.device)
+    return G(SIGMA_MAX * z, sigma, class_labels)
+
+
+def load_generator(source, device='cpu'):
+    """A generator for sampling, in eval mode: a gdd-min checkpoint ('ema'), an official GDD/D2O release pickle
+    (class D2OPrecond, rebuilt as GDDPrecond), or an EDM teacher pickle (returned as its EDM wrapper; tell them
+    apart with isinstance(net, GDDPrecond)). Nothing in the file is executed."""
+    path = edm_nets.open_url(source)
+    if zipfile.is_zipfile(path):
+        return edm_nets.load_network(path, classes={'GDDPrecond': GDDPrecond}, device=device)
+    data = edm_nets.read_pickle(path)
+    ema = data.get('ema') if isinstance(data, dict) else None
+    if not isinstance(ema, edm_nets.Persistent):
+        raise ValueError(f'{path}: no network under key "ema"')
+    state_dict = edm_nets.persistent_state_dict(ema)
+    if ema.class_name != 'D2OPrecond':
+        return edm_nets.build_network(ema.class_name, ema.init_kwargs, state_dict).eval().to(device)
+    # The release's wrapper = EDM-style preconditioning with eps = 0.002 around the U-Net child 'model'.
+    model = ema.state['_modules']['model']
+    attr = lambda k, default=None: ema.state.get(k, ema.init_kwargs.get(k, default))
+    model_kwargs = {k: v for k, v in model.init_kwargs.items()
+                    if k not in ('img_resolution', 'in_channels', 'out_channels', 'label_dim')}
+    kwargs = dict(img_resolution=attr('img_resolution'), img_channels=attr('img_channels'), label_dim=attr('label_dim', 0),
+                  use_fp16=bool(attr('use_fp16', False)), sigma_data=attr('sigma_data', 0.5),
+                  model_type=model.class_name, **model_kwargs)
+    return edm_nets.build_network('GDDPrecond', kwargs, state_dict, classes={'GDDPrecond': GDDPrecond}).eval().to(device)
+
+#----------------------------------------------------------------------------
+# 2. Layer freezing, GDD-I (recipe D.1). A parameter is frozen iff its name contains one of block/up/down/in
+# AND one of the level's substrings. The tests are literal substring tests ('in' matches the bottleneck
+# blocks ..._in0/_in1, 'conv' matches conv0/conv1). This is the official optimizer's rule; the narrower copy
+# of the rule in the official loss only wastes gradients (quirk I.1), so there is one rule here.
+
+FREEZE_LEVELS = {
+    0: (),                                  # GDD: nothing frozen
+    1: ('conv', 'proj'),                    # GDD-I (all presets): 3x3 block convs + attention output projections
+    2: ('conv', 'proj', 'qkv'),             # + attention qkv
+    3: ('conv', 'proj', 'qkv', 'skip'),     # + 1x1 residual skips
+}
+
+def is_frozen(name, freeze):
+    return (any(s in name for s in ('block', 'up', 'down', 'in'))
+            and any(s in name for s in FREEZE_LEVELS[freeze]))
+
+
+def freeze_generator(G, freeze, verbose=True):
+    """Apply the rule: frozen parameters get requires_grad = False (so no gradient and, since only the returned
+    list goes to the optimizer, no Adam state). Returns (trainable parameters, num trainable, num frozen)."""
+    if freeze not in FREEZE_LEVELS:
+        raise ValueError(f'freeze must be one of {sorted(FREEZE_LEVELS)}, got {freeze}')
+    trainable, n_train, n_frozen = [], 0, 0
+    for name, p in G.named_parameters():
+        frozen = is_frozen(name, freeze)
+        p.requires_grad_(not frozen)
+        if frozen:
+            n_frozen += p.numel()
+        else:
+            trainable.append(p)
+            n_train += p.numel()
+    if verbose:
+        total = n_train + n_frozen
+        print(f'Generator parameters: {total:,} total, {n_train:,} trainable, {n_frozen:,} frozen '
+              f'({100 * n_frozen / max(total, 1):.1f}%, freeze={freeze})')
+    return trainable, n_train, n_frozen
+
+#----------------------------------------------------------------------------
+# 3. The projected discriminator (recipe E, Projected GAN / StyleGAN-XL design):
+#    x -> frozen feature network (4 maps) -> frozen random CCM + CSM -> trainable mini-discriminators -> logits.
+# A feature network is any module with forward(x in [-1, 1]) -> list of maps and attribute .channels; the
+# ImageNet backbones of backbones.py (which do their own normalisation and 224-pixel resize, E.3) and the
+# teacher's own encoder below both plug in.
+
+TEACHER_FEATURE_SIGMA = 0.5     # noise level at which the teacher encoder looks at images (see TeacherFeatures)
+
+class _StopForward(Exception):
+    pass
+
+
+class TeacherFeatures(nn.Module):
+    """The frozen teacher's U-Net encoder as a feature network (no download needed). The clean image is given
+    to the denoiser labelled with a fixed small noise level sigma (no noise is added, so the features are
+    deterministic and R1 sees a fixed function); the maps are the encoder outputs at the end of each
+    resolution level (R, R/2, ...). The decoder is never run: a hook stops the forward after the last tap.
+    Why sigma = 0.5 (= sigma_data): the encoder then still attends to fine detail (the teacher at this level
+    removes noise at the scale of textures and edges) while its features describe the whole image; the
+    toy demo's 8x8 distance was better at 0.5 than at 0.1 or 2 (see README). Class labels are not passed
+    (a conditional teacher sees its all-zero label row); the discriminator head handles the classes."""
+    def __init__(self, teacher, sigma=TEACHER_FEATURE_SIGMA):
+        super().__init__()
+        self.net = copy.deepcopy(teacher).eval().requires_grad_(False)
+        self.sigma = sigma
+        enc = self.net.model.enc
+        last = {}                                   # resolution prefix '16x16' -> last module of that level
+        for name in enc:
+            last[name.split('_')[0]] = name
+        self.tap_names = list(last.values())
+        self._maps = None
+        for i, name in enumerate(self.tap_names):
+            enc[name].register_forward_hook(self._hook(i))
+        R = teacher.img_resolution
+        with torch.no_grad():
+            self.channels = [m.shape[1] for m in self(torch.zeros([1, teacher.img_channels, R, R]))]
+
+    def _hook(self, i):
+        def hook(module, inputs, output):
+            self._maps.append(output)
+            if i == len(self.tap_names) - 1:
+                raise _StopForward
+        return hook
+
+    def train(self, mode=True):
+        return super().train(False)                 # frozen: dropout off, always
+
+    def forward(self, x):
+        self._maps = []
+        sigma = torch.full([x.shape[0]], self.sigma, device=x.device)
+        try:
+            self.net(x, sigma, None, force_fp32=True)
+        except _StopForward:
+            pass
+        maps, self._maps = self._maps, None
+        return maps
+
+
+@torch.no_grad()
+def _default_init_(conv, generator):
+    # PyTorch's default Conv2d init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias, from a local generator.
+    bound = 1 / math.sqrt(conv.weight[0].numel())
+    for p in (conv.weight, conv.bias):
+        p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
+
+
+class RandomProjection(nn.Module):
+    """Frozen random cross-channel (CCM) and cross-scale (CSM) mixing (recipe E.5), never trained.
+    CCM: 1x1 conv per tap to cout * [1, 2, 4, 8] channels. CSM, top down: s_i = conv(up2(m_i + s_{i+1})),
+    bilinear x2 with align_corners=True, 1x1 convs halving the channels (the last keeps them); no activations.
+    So map i has twice tap i's resolution, with cout * [1, 1, 2, 4] channels.
+    The weights come from an explicit seed, so every rank of a multi-GPU run builds the same projections.
+    (Quirk I.5: the official code seeds them differently per rank; we deliberately do not.)"""
+    def __init__(self, channels, cout=64, seed=0):
+        super().__init__()
+        widths = [cout * 2 ** i for i in range(len(channels))]
+        self.ccm = nn.ModuleList([nn.Conv2d(c, w, 1) for c, w in zip(channels, widths)])
+        self.csm = nn.ModuleList([nn.Conv2d(w, widths[max(i - 1, 0)], 1) for i, w in enumerate(widths)])
+        self.channels = [widths[max(i - 1, 0)] for i in range(len(widths))]
+        g = torch.Generator().manual_seed(seed)
+        for conv in [*self.ccm, *self.csm]:
+            _default_init_(conv, g)
+        self.requires_grad_(False)
+
+    def forward(self, taps):
+        maps, s = [None] * len(taps), None
+        for i in reversed(range(len(taps))):
+            m = self.ccm[i](taps[i])
+            h = m if s is None else m + s
+            s = maps[i] = self.csm[i](F.interpolate(h, scale_factor=2, mode='bilinear', align_corners=True))
+        return maps
+
+
+# Mini-discriminator widths by resolution (recipe E.7); the start resolution takes the input's channels.
+D_CHANNELS = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
+
+def _sn_conv(c_in, c_out, stride, padding, bias):
+    return nn.utils.parametrizations.spectral_norm(nn.Conv2d(c_in, c_out, 4, stride, padding, bias=bias))
+
+
+class MiniDiscriminator(nn.Module):
+    """Recipe E.7: from a nominal start resolution down to 8 with DownBlocks (spectral-normalised 4x4 conv,
+    stride 2, with bias -> BatchNorm -> LeakyReLU 0.2), then a spectral-normalised 4x4 conv (stride 1, no
+    padding, no bias) to one logit per patch, or to cmap_dim channels for the conditional projection (E.8):
+    logit = <h, proj(embed(c))> / sqrt(cmap_dim) at every patch."""
+    def __init__(self, in_channels, start_res,
+                 label_dim=0,       # 0 = unconditional
+                 width=1.0,         # multiplier on D_CHANNELS (1 = recipe; the toy uses less)
+                 cmap_dim=64,       # conditional projection width (E.8)
+                 embed_dim=320):    # class-embedding width (E.8: EfficientNet-lite0's last width)
+        super().__init__()
+        layers, c, res = [], in_channels, start_res
+        while res > 8:
+            c_out = max(int(D_CHANNELS[res // 2] * width), 8)
+            layers += [_sn_conv(c, c_out, 2, 1, True), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            c, res = c_out, res // 2
+        self.main = nn.Sequential(*layers)
+        self.final = _sn_conv(c, cmap_dim if label_dim else 1, 1, 0, False)
+        if label_dim:
+            # Quirk I.10: upstream starts from StyleGAN-XL's pretrained 1000 x 320 ImageNet class table (rows
+            # 0-9 for CIFAR-10); that asset is not available offline, so the table starts N(0, 1) (the official
+            # rand_embedding fallback). Trainable either way.
+            self.embed = nn.Parameter(torch.randn(label_dim, embed_dim))
+            # StyleGAN2 fully connected layer with equalised lr: weight N(0, 1) scaled by 1/sqrt(fan_in) at
+            # run time, bias 0, then lrelu(0.2) * sqrt(2).
+            self.proj_weight = nn.Parameter(torch.randn(cmap_dim, embed_dim))
+            self.proj_bias = nn.Parameter(torch.zeros(cmap_dim))
+        self.cmap_dim = cmap_dim
+
+    def forward(self, x, c):
+        h = self.final(self.main(x))                                            # [b, 1 or cmap_dim, P, P]
+        if hasattr(self, 'embed'):
+            e = F.linear(c @ self.embed, self.proj_weight / math.sqrt(self.proj_weight.shape[1]), self.proj_bias)
+            e = F.leaky_relu(e, 0.2) * math.sqrt(2)                             # [b, cmap_dim]
+            h = (h * e[:, :, None, None]).sum(1, keepdim=True) / math.sqrt(self.cmap_dim)
+        return h.flatten(1)                                                     # [b, P*P]
+
+
+class ProjectedDiscriminator(nn.Module):
+    """forward(x, c) -> one [b, P_k] logit tensor per feature network k (recipe B.1). Feature networks and
+    projections are frozen and always in eval mode; the mini-discriminators are trained and always in train
+    mode (BatchNorm normalises each call with its own batch statistics, quirk I.6), so the training loop never
+    switches D to eval. Only `heads` holds trainable parameters."""
+    def __init__(self, features,        # dict name -> feature network (forward(x) -> maps, .channels)
+                 start_res,             # dict name -> nominal start resolution of each map's mini-discriminator
+                 label_dim=0,
+                 cout=64,               # CCM width (E.5)
+                 width=1.0,             # mini-discriminator width multiplier
+                 proj_seed=0):          # seed of the frozen random projections (identical on every rank)
+        super().__init__()
+        self.features = nn.ModuleDict(features).requires_grad_(False)
+        self.projections = nn.ModuleDict({k: RandomProjection(f.channels, cout, seed=proj_seed + i)
+                                          for i, (k, f) in enumerate(features.items())})
+        self.heads = nn.ModuleDict({k: nn.ModuleList([MiniDiscriminator(c, r, label_dim, width)
+                                                      for c, r in zip(self.projections[k].channels, start_res[k])])
+                                    for k in features})
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.features.eval()
+        self.projections.eval()
+        return self
+
+    def forward(self, x, c=None):
+        logits = []
+        for k, feature_net in self.features.items():
+            maps = self.projections[k](feature_net(x))
+            logits.append(torch.cat([head(m, c) for head, m in zip(self.heads[k], maps)], dim=1))
+        return logits
+
+
+def build_discriminator(feature_names, teacher, label_dim=0, width=1.0, cout=64, proj_seed=0,
+                        backbone_weights=None, teacher_sigma=TEACHER_FEATURE_SIGMA):
+    """The discriminator of the presets. 'teacher' = TeacherFeatures; its mini-discriminators start at the true
+    size of each map (2R, R, R/2, ... -> down to 8 -> 5x5 patch logits). The ImageNet backbones (backbones.py,
+    weights from backbone_weights[name] or backbones.WEIGHT_URLS) use the nominal 256-pixel geometry of the
+    official code, starts [128, 64, 32, 16] although the real maps are 112/56/28/14 (224/.../28 for VGG): so
+    4x4 (11x11) logit maps and 4/3/2/1 down-blocks (recipe E.7, quirk I.4)."""
+    features, start_res = {}, {}
+    for name in feature_names:
+        if name == 'teacher':
+            features[name] = TeacherFeatures(teacher, teacher_sigma)
+            R = teacher.img_resolution
+            start_res[name] = [2 * R >> i for i in range(len(features[name].channels))]
+        else:
+            import backbones    # only needed for the ImageNet feature networks
+            weights = (backbone_weights or {}).get(name, backbones.WEIGHT_URLS.get(name))
+            features[name] = backbones.build_backbone(name, weights=weights, seed=proj_seed)
+            start_res[name] = [128, 64, 32, 16]
+    return ProjectedDiscriminator(features, start_res, label_dim, cout, width, proj_seed)
+
+#----------------------------------------------------------------------------
+# 4. Losses, optimizers, one training iteration (recipe B, C.1).
+#
+# Reductions (recipe B.1/B.2, quirk I.2), kept exactly: every loss term is a mean over the logits of one
+# (image, feature network) pair, SUMMED over images and feature networks; R1 is a MEAN over images of the
+# squared gradient of the SUM of all logits. These reductions are per discriminator call, and one call sees
+# one chunk of the per-GPU batch: with several chunks (gradient accumulation) the main losses keep summing
+# over every image of the per-GPU batch and R1 is divided by the number of chunks, so it stays a mean over that
+# batch. Because BatchNorm in D normalises per call (quirk I.6), accumulation equals one big step only for the
+# same per-call batches.
+
+R1_INTERVAL = 16        # lazy regularisation: R1 every 16th iteration, gain 16 (recipe B.4)
+
+def softplus_mean_sum(logits, sign):
+    """sum_k sum_i mean_j softplus(sign * l_kij) over the per-feature-network [b, P_k] logit tensors."""
+    return sum(F.softplus(sign * l).mean(dim=1).sum() for l in logits)
+
+
+def generator_loss(logits_fake):
+    # Non-saturating G loss (recipe B.2): sum_i sum_k mean_j softplus(-l(G(z_i), c_i)).
+    return softplus_mean_sum(logits_fake, -1)
+
+
+def discriminator_loss(logits_fake, logits_real):
+    # Recipe B.2: sum_i sum_k mean_j [softplus(l(fake)) + softplus(-l(real))].
+    return softplus_mean_sum(logits_fake, 1) + softplus_mean_sum(logits_real, -1)
+
+
+def r1_penalty(D, x_real, c):
+    """Per-image squared gradient norm ||d/dx sum_k sum_j l_kj(x, c)||^2 on real images (recipe B.4), taken
+    through the frozen features and projections (double backprop). Returns [b]."""
+    x = x_real.detach().requires_grad_(True)
+    logit_sum = sum(l.sum() for l in D(x, c))
+    grad, = torch.autograd.grad(logit_sum, x, create_graph=True)
+    return grad.square().sum(dim=[1, 2, 3])
+
+
+def sanitize_grads(params):
+    # Recipe B.5: NaN -> 0, +inf -> 1e5, -inf -> -1e5, in place. No clipping, no weight decay.
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+
+def make_optimizers(G_params, D, lr, dlr):
+    """Recipe C.1: Adam, no schedule. G: betas (0, 0.99). D: StyleGAN2's lazy-regularisation correction for an R1
+    interval of 16, lr * 16/17 and beta2 = 0.99^(16/17), applied to every D step (main and R1)."""
+    ratio = R1_INTERVAL / (R1_INTERVAL + 1)
+    opt_G = torch.optim.Adam(G_params, lr=lr, betas=(0.0, 0.99), eps=1e-8)
+    opt_D = torch.optim.Adam(D.heads.parameters(), lr=dlr * ratio, betas=(0.0, 0.99 ** ratio), eps=1e-8)
+    return opt_G, opt_D
+
+
+def _labels(c):
+    return None if c is None or c.shape[1] == 0 else c
+
+
+def train_step(G, D, opt_G, opt_D, chunks, step, r1_gamma):
+    """One iteration in the order of recipe B.5: G step, D step, R1 step (step > 0 and step % 16 == 0).
+    chunks: list of (x_real in [-1, 1], one-hot labels [b, label_dim]) making up this rank's batch; each chunk is
+    one call of D. The EMA update (section 5) follows in the caller. Returns a dict of float statistics."""
+    G_params = [p for group in opt_G.param_groups for p in group['params']]
+    D_params = list(D.heads.parameters())
+    stats = dict(loss_G=0.0, loss_D=0.0, logits_real=0.0, logits_fake=0.0)
+    num_images = sum(x.shape[0] for x, _ in chunks)
+    mean_logit = lambda logits: torch.cat([l.flatten() for l in logits]).mean().item()
+
+    # G step: fakes with the real batch's labels (recipe A.3); gradients flow through D into the image only.
+    opt_G.zero_grad(set_to_none=True)
+    D.heads.requires_grad_(False)
+    for x, c in chunks:
+        fake = generate(G, torch.randn_like(x), _labels(c))
+        loss = generator_loss(D(fake, _labels(c)))
+        loss.backward()
+        stats['loss_G'] += loss.item() / num_images
+    D.heads.requires_grad_(True)
+    sanitize_grads(G_params)
+    opt_G.step()
+
+    # D step: fresh z, fakes without gradient from the just-updated G; fakes and reals are separate D calls.
+    opt_D.zero_grad(set_to_none=True)
+    for x, c in chunks:
+        with torch.no_grad():
+            fake = generate(G, torch.randn_like(x), _labels(c))
+        logits_fake = D(fake, _labels(c))
+        logits_real = D(x, _labels(c))
+        loss = discriminator_loss(logits_fake, logits_real)
+        loss.backward()
+        stats['loss_D'] += loss.item() / num_images
+        stats['logits_fake'] += mean_logit(logits_fake) / len(chunks)
+        stats['logits_real'] += mean_logit(logits_real) / len(chunks)
+    sanitize_grads(D_params)
+    opt_D.step()
+
+    # R1 step, its own optimizer step on the same real batch (lazy: every 16th iteration, gain 16):
+    # L_R1 = 16 * gamma/2 * mean_i ||grad_i||^2.
+    if step > 0 and step % R1_INTERVAL == 0 and r1_gamma > 0:
+        opt_D.zero_grad(set_to_none=True)
+        stats['r1'] = 0.0
+        for x, c in chunks:
+            penalty = r1_penalty(D, x, _labels(c))
+            (R1_INTERVAL * r1_gamma / 2 * penalty.mean() / len(chunks)).backward()
+            stats['r1'] += penalty.mean().item() / len(chunks)
+        sanitize_grads(D_params)
+        opt_D.step()
+    return stats
+
+#----------------------------------------------------------------------------
+# 5. EMA of the generator (recipe C.3): theta_ema <- beta theta_ema + (1 - beta) theta after every iteration,
+# parameters only, beta = 0.5^(B / h) with half-life h = max(min(H, 0.05 n), 1e-8) images, H = ema_mimg * 1e6
+# and n = images seen before this iteration. The 5% ramp always wins at the paper's durations, so the
+# preset's ema value never matters there (quirk I.7); we implement the formula and keep the value.
+
+EMA_RAMPUP = 0.05
+
+def ema_beta(batch, images_seen, ema_mimg):
+    half_life = max(min(ema_mimg * 1e6, EMA_RAMPUP * images_seen), 1e-8)
+    return 0.5 ** (batch / half_life)
+
+
+@torch.no_grad()
+def update_ema(G_ema, G, beta):
+    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+        if p.requires_grad:                 # frozen parameters are identical in both and stay so
+            p_ema.lerp_(p.detach(), 1 - beta)

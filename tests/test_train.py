@@ -72,3 +72,74 @@ def test_dataset_errors(tmp_path):
     (tmp_path / 'd' / 'dataset.json').write_text('{"labels": [["00000/img00000000.png", 1]]}')
     with pytest.raises(ValueError, match='no label for 00000/img00000001.png'):
         train_min.ImageDataset(str(tmp_path / 'd'))
+
+#----------------------------------------------------------------------------
+# Command line, toy data, training end to end.
+
+import torch  # noqa: E402
+import edm_nets  # noqa: E402
+import gdd  # noqa: E402
+
+
+def test_presets_and_overrides(capsys):
+    cfg = train_min.parse_args(['cifar10', '--freeze', '0', '--r1-gamma', '0.01'])
+    assert (cfg.batch, cfg.lr, cfg.dlr, cfg.kimg, cfg.freeze, cfg.r1_gamma) == (256, 1e-4, 1e-4, 5000, 0, 0.01)
+    assert cfg.teacher.endswith('edm-cifar10-32x32-uncond-ve.pkl') and cfg.features == 'vgg16_bn,tf_efficientnet_lite0'
+    cfg = train_min.parse_args(['imagenet64'])
+    assert (cfg.batch, cfg.lr, cfg.dlr, cfg.ema, cfg.arch) == (512, 8e-6, 4e-5, 50, 'adm')
+    assert train_min.parse_args(['afhqv2']).features == 'deit_base_distilled_patch16_224,tf_efficientnet_lite0'
+    with pytest.raises(SystemExit):
+        train_min.parse_args(['cifar10', '--help'])
+    out = capsys.readouterr().out
+    assert '--r1-gamma' in out and '(default: 0.0001)' in out and '--backbone-weights' in out
+    with pytest.raises(SystemExit, match='unknown preset'):
+        train_min.parse_args(['cifar11'])
+
+
+def test_toy_images_are_deterministic():
+    a, la = train_min.draw_toy_images(12, seed=5)
+    b, lb = train_min.draw_toy_images(12, seed=5)
+    c, _ = train_min.draw_toy_images(12, seed=6)
+    assert a.shape == (12, 3, 32, 32) and a.dtype == np.uint8 and np.array_equal(a, b) and np.array_equal(la, lb)
+    assert not np.array_equal(a, c) and set(la) <= set(range(10))
+
+
+def _toy_teacher(path):
+    torch.manual_seed(0)
+    cfg = train_min.parse_args(['toy'])
+    net = edm_nets.EDMPrecond(img_resolution=32, img_channels=3, label_dim=10, **train_min.arch_kwargs(cfg))
+    edm_nets.atomic_save({'format': 'gdd-min', 'ema': edm_nets.net_to_dict(net)}, path)
+
+
+def test_toy_end_to_end(tmp_path, capsys):
+    images, labels = train_min.draw_toy_images(40, seed=0)
+    train_min.save_dataset(str(tmp_path / 'data.zip'), images, labels)
+    _toy_teacher(tmp_path / 'teacher.pt')
+    common = ['--outdir', str(tmp_path / 'runs'), '--data', str(tmp_path / 'data.zip')]
+    # The toy teacher recipe runs (EDM loss) and writes a loadable checkpoint.
+    train_min.main(['toy-teacher', *common, '--kimg', '0.016', '--batch', '8', '--tick', '0.008', '--export', str(tmp_path / 't.pt')])
+    assert type(edm_nets.load_network(str(tmp_path / 't.pt'))).__name__ == 'EDMPrecond'
+    # GDD-I on the toy preset: 17 iterations, so one R1 step (index 16), then the small evaluation.
+    train_min.main(['toy', *common, '--teacher', str(tmp_path / 'teacher.pt'), '--kimg', '0.068', '--batch', '4',
+                    '--tick', '0.032', '--fd-images', '30', '--export', str(tmp_path / 'g.pt')])
+    out = capsys.readouterr().out
+    assert '58,131 trainable, 259,744 frozen' in out and 'R1 ' in out and 'Training done: 17 iterations' in out
+    run = tmp_path / 'runs' / '00001-toy'
+    metrics = json.load(open(run / 'metrics.json'))
+    assert set(metrics['fd_8x8']) == {'data_floor', 'teacher_1step', 'teacher_heun35', 'gdd_1step'}
+    assert all(np.isfinite(v) for v in metrics['fd_8x8'].values())
+    assert PIL.Image.open(run / 'compare.png').size[0] == 2 * 10 * 32
+    assert (run / 'samples-000000.png').exists() and (run / 'log.txt').read_text().count('kimg') >= 3
+    G = gdd.load_generator(str(tmp_path / 'g.pt'))
+    assert isinstance(G, gdd.GDDPrecond) and G.label_dim == 10
+
+
+def test_training_refuses_mismatched_data_and_teacher(tmp_path):
+    _toy_teacher(tmp_path / 'teacher.pt')
+    train_min.save_dataset(str(tmp_path / 'd16'), _images(4, r=16), [0, 1, 2, 3])
+    with pytest.raises(SystemExit, match=r'needs \(32, 3, 10\)'):
+        train_min.main(['toy', '--outdir', str(tmp_path / 'runs'), '--teacher', str(tmp_path / 'teacher.pt'), '--data', str(tmp_path / 'd16')])
+    with pytest.raises(SystemExit, match='not an EDMPrecond ncsnpp network'):
+        train_min.main(['cifar10', '--outdir', str(tmp_path / 'runs'), '--teacher', str(tmp_path / 'teacher.pt'), '--data', str(tmp_path / 'd16')])
+    with pytest.raises(SystemExit, match='no such file'):
+        train_min.main(['toy', '--outdir', str(tmp_path / 'runs'), '--teacher', str(tmp_path / 'missing.pt')])

@@ -218,10 +218,11 @@ def draw_toy_images(n, seed, resolution=32, supersample=4):
     return images, labels
 
 
-def toy_dataset(run_dir):
-    path = os.path.join(run_dir, 'toy-32x32.zip')
-    print(f'Drawing the toy dataset ({TOY_IMAGES} images) into {path}')
-    save_dataset(path, *draw_toy_images(TOY_IMAGES, TOY_SEED))
+def toy_dataset(outdir):
+    path = os.path.join(outdir, 'toy-32x32.zip')     # deterministic, so drawn once and shared by later runs
+    if not os.path.isfile(path):
+        print(f'Drawing the toy dataset ({TOY_IMAGES} images) into {path}')
+        save_dataset(path, *draw_toy_images(TOY_IMAGES, TOY_SEED))
     return path
 
 #----------------------------------------------------------------------------
@@ -257,7 +258,7 @@ PRESETS = {
                          batch=512, lr=8e-6, dlr=4e-5, ema=50, kimg=10000, r1_gamma=1e-4, freeze=1, features=IMAGENET_D),
     # The offline demo: toy data, the shipped toy teacher, the teacher's own encoder as D's feature network.
     'toy':          dict(teacher='assets/toy-teacher.pt', arch='toy', cres='1,2,2',
-                         batch=32, lr=2e-4, dlr=2e-4, ema=0.5, kimg=32, r1_gamma=1e-4, freeze=1, features='teacher',
+                         batch=32, lr=2e-4, dlr=2e-4, ema=0.5, kimg=16, r1_gamma=1e-4, freeze=1, features='teacher',
                          dwidth=0.25, tick=4, snap=0, workers=0, fd_images=1000),
     # Makes assets/toy-teacher.pt: EDM's training loss on the toy data.
     'toy-teacher':  dict(arch='toy', cres='1,2,2', batch=64, lr=1e-3, ema=0.02, kimg=150, tick=5, snap=0, workers=0,
@@ -380,8 +381,8 @@ def batches(dataset, batch, seed, workers, device):
         yield images.to(device).to(torch.float32) / 127.5 - 1, labels.to(device)   # uint8 -> [-1, 1]
 
 
-def open_dataset(cfg, run_dir, use_labels=True, teacher=None):
-    dataset = ImageDataset(cfg.data or toy_dataset(run_dir), use_labels=use_labels, xflip=cfg.xflip)
+def open_dataset(cfg, use_labels=True, teacher=None):
+    dataset = ImageDataset(cfg.data or toy_dataset(cfg.outdir), use_labels=use_labels, xflip=cfg.xflip)
     if teacher is not None:     # the student inherits the teacher's geometry and conditioning
         have = (dataset.resolution, dataset.num_channels, dataset.label_dim)
         want = (teacher.img_resolution, teacher.img_channels, teacher.label_dim)
@@ -424,7 +425,7 @@ def save_grid(images, path, cols=8):
 def train_teacher(cfg, run_dir, device):
     P_mean, P_std, sigma_data = -1.2, 1.2, 0.5
     torch.manual_seed(cfg.seed)
-    dataset = open_dataset(cfg, run_dir)
+    dataset = open_dataset(cfg)
     net = edm_nets.EDMPrecond(img_resolution=dataset.resolution, img_channels=dataset.num_channels,
                               label_dim=dataset.label_dim, sigma_data=sigma_data, **arch_kwargs(cfg)).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -478,7 +479,7 @@ def train_gdd(cfg, run_dir, device):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(cfg, device)
-    dataset = open_dataset(cfg, run_dir, use_labels=teacher.label_dim > 0, teacher=teacher)
+    dataset = open_dataset(cfg, use_labels=teacher.label_dim > 0, teacher=teacher)
 
     G = gdd.generator_from_teacher(teacher).to(device).train()
     G_params, _, _ = gdd.freeze_generator(G, cfg.freeze)

@@ -161,10 +161,11 @@ class TeacherFeatures(nn.Module):
     to the denoiser labelled with a fixed small noise level sigma (no noise is added, so the features are
     deterministic and R1 sees a fixed function); the maps are the encoder outputs at the end of each
     resolution level (R, R/2, ...). The decoder is never run: a hook stops the forward after the last tap.
-    Why sigma = 0.5 (= sigma_data): the encoder then still attends to fine detail (the teacher at this level
-    removes noise at the scale of textures and edges) while its features describe the whole image; the
-    toy demo's 8x8 distance was better at 0.5 than at 0.1 or 2 (see README). Class labels are not passed
-    (a conditional teacher sees its all-zero label row); the discriminator head handles the classes."""
+    Why sigma = 0.5 (= sigma_data): a denoiser told the noise is small attends to fine detail (edges, textures),
+    which is what a blurry one-step sample lacks, while at large sigma it only sees the coarse layout. Measured
+    on the toy demo (8x8 Frechet distance after 250 steps): 0.85 at sigma 0.1 and 0.5, 1.49 at sigma 2.
+    Class labels are not passed (a conditional teacher sees its all-zero label row); the discriminator's
+    conditional head handles the classes."""
     def __init__(self, teacher, sigma=TEACHER_FEATURE_SIGMA):
         super().__init__()
         self.net = copy.deepcopy(teacher).eval().requires_grad_(False)

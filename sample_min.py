@@ -23,7 +23,9 @@ import edm_nets
 import gdd
 from fid_min import init_distributed, parse_seeds
 
-DEFAULT_NET = 'assets/toy-gdd.pt'
+# The toy generator that `python train_min.py toy --export assets/toy-gdd.pt` made, shipped with the repository
+# (found next to this file, whatever the working directory).
+DEFAULT_NET = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'toy-gdd.pt')
 
 #----------------------------------------------------------------------------
 # Per-image randomness exactly as EDM's generate.py (edm-formats.md (d)): one torch.Generator per seed,

@@ -133,3 +133,14 @@ def test_bad_inputs(nets, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         sample()
     assert 'python train_min.py toy' in str(e.value.code)
+
+
+def test_no_arguments_samples_the_shipped_toy_generator(tmp_path, monkeypatch, capsys):
+    """`python sample_min.py` on a fresh clone, from any working directory: the shipped toy generator, one step,
+    a grid of 64 images in ./runs/samples.png."""
+    monkeypatch.chdir(tmp_path)
+    sample_min.main([])
+    out = capsys.readouterr().out
+    assert 'one-step generator, 64 images' in out and 'images/s' in out
+    grid = np.asarray(PIL.Image.open(tmp_path / 'runs' / 'samples.png'))
+    assert grid.shape[2] == 3 and grid.shape[0] >= 8 * 32 and grid.std() > 10   # 8x8 tiles of 32x32, not blank

@@ -53,15 +53,16 @@ class GDDPrecond(edm_nets._Precond):
         return c_skip * x + c_out * self.unet(x, sigma, class_labels, force_fp32, c_in, c_noise, **model_kwargs)
 
 
-def generator_from_teacher(teacher):
-    """The student: the teacher's architecture (augment_dim = 0, dropout = 0, label_dropout = 0) with every
+def generator_from_teacher(teacher, use_fp16=False):
+    """The student: the teacher's architecture (augment_dim = 0, dropout = 0, label_dropout = 0; use_fp16 = run
+    the U-Net in bfloat16 on CUDA, recipe A.4, all paper presets) with every
     parameter and buffer copied by name from the teacher's 'ema' network (recipe A.1, quirk I.13). Names the
     teacher lacks keep their init; shape mismatches are skipped with a note; teacher entries the student
     lacks (the augmentation embedding map_augment) are dropped with a note."""
     if type(teacher).__name__ != 'EDMPrecond':
         raise ValueError(f'GDD starts from an EDMPrecond teacher, got {type(teacher).__name__}')
     kwargs = {k: v for k, v in teacher.init_kwargs.items() if k not in ('sigma_min', 'sigma_max')}
-    kwargs.update(augment_dim=0, dropout=0, label_dropout=0, use_fp16=False)
+    kwargs.update(augment_dim=0, dropout=0, label_dropout=0, use_fp16=use_fp16)
     G = GDDPrecond(**kwargs)
     src = teacher.state_dict()
     with torch.no_grad():
@@ -339,13 +340,20 @@ def build_discriminator(feature_names, teacher, label_dim=0, width=1.0, cout=64,
 #----------------------------------------------------------------------------
 # 4. Losses, optimizers, one training iteration (recipe B, C.1).
 #
-# Reductions (recipe B.1/B.2, quirk I.2), kept exactly: every loss term is a mean over the logits of one
-# (image, feature network) pair, SUMMED over images and feature networks; R1 is a MEAN over images of the
-# squared gradient of the SUM of all logits. These reductions are per discriminator call, and one call sees
-# one chunk of the per-GPU batch: with several chunks (gradient accumulation) the main losses keep summing
-# over every image of the per-GPU batch and R1 is divided by the number of chunks, so it stays a mean over that
-# batch. Because BatchNorm in D normalises per call (quirk I.6), accumulation equals one big step only for the
-# same per-call batches.
+# Reductions (recipe B.1/B.2/B.6, quirk I.2). Per image i, feature network k: mean over P_k patch logits;
+# then SUMS over images and feature networks; R1 is a MEAN over images. Upstream takes these sums over the
+# per-GPU batch b and DDP averages over GPUs, so its objective is (b / B) sum over the global batch of B images,
+# and the R1/main balance depends on b. We make that number explicit, the reduction batch `loss_batch`:
+#     L_G, L_D = (loss_batch / B) * sum_{i in global batch} l_i,     L_R1 = 16 gamma/2 * (1/B) * sum_i ||grad_i||^2
+# Each D call (one chunk of one rank) adds its share with the constant factors loss_scale = loss_batch / B and
+# r1_scale = 1 / B, and ranks SUM their gradients: the result does not depend on how the global batch is split
+# into ranks and accumulation chunks. loss_batch = b of the release script reproduces upstream exactly.
+#
+# Per-call state (quirk I.6): BatchNorm in D normalises with each call's batch, and every training-mode call
+# advances the spectral-norm power iteration. So that a rank processing n chunks behaves like n ranks holding
+# one chunk each, every chunk of a phase starts from the power-iteration vectors the phase started with (they
+# depend only on the weights, which do not change within a phase). BatchNorm running statistics also advance
+# per call; D never uses them (always in train mode), so they are not part of this equivalence.
 
 R1_INTERVAL = 16        # lazy regularisation: R1 every 16th iteration, gain 16 (recipe B.4)
 
@@ -393,52 +401,73 @@ def _labels(c):
     return None if c is None or c.shape[1] == 0 else c
 
 
-def train_step(G, D, opt_G, opt_D, chunks, step, r1_gamma):
+def _per_call(D, chunks):
+    """Iterate over chunks; each chunk's D calls start from the same power-iteration vectors (see above)."""
+    vectors = [b for name, b in D.heads.named_buffers() if name.endswith(('._u', '._v'))]
+    start = [b.clone() for b in vectors] if len(chunks) > 1 else None
+    for k, chunk in enumerate(chunks):
+        if k > 0:
+            with torch.no_grad():
+                torch._foreach_copy_(vectors, start)
+        yield chunk
+
+
+def train_step(G, D, opt_G, opt_D, chunks, step, r1_gamma, loss_scale=1.0, r1_scale=None, reduce_grads=None):
     """One iteration in the order of recipe B.5: G step, D step, R1 step (step > 0 and step % 16 == 0).
-    chunks: list of (x_real in [-1, 1], one-hot labels [b, label_dim]) making up this rank's batch; each chunk is
-    one call of D. The EMA update (section 5) follows in the caller. Returns a dict of float statistics."""
+    chunks: this rank's part of the global batch, a list of (x_real in [-1, 1], one-hot labels [b, label_dim],
+        z for the G step, z for the D step); each chunk is one call of D per forward pass.
+    loss_scale, r1_scale: factors on each chunk's summed losses and summed R1 penalties (loss_batch / B and
+        1 / B, see the reductions above); r1_scale None = 1 / (images in chunks), a mean over this batch.
+    reduce_grads(params): sums the gradients over ranks (multi-process runs), before they are sanitised.
+    The EMA update (section 5) follows in the caller. Returns a dict of scalar tensors (no host sync here)."""
     G_params = [p for group in opt_G.param_groups for p in group['params']]
     D_params = list(D.heads.parameters())
-    stats = dict(loss_G=0.0, loss_D=0.0, logits_real=0.0, logits_fake=0.0)
-    num_images = sum(x.shape[0] for x, _ in chunks)
-    mean_logit = lambda logits: torch.cat([l.flatten() for l in logits]).mean().item()
+    num_images = sum(x.shape[0] for x, *_ in chunks)
+    r1_scale = 1 / num_images if r1_scale is None else r1_scale
+    stats = {}
+    add = lambda key, value: stats.__setitem__(key, stats.get(key, 0) + value.detach())
+    mean_logit = lambda logits: torch.cat([l.flatten() for l in logits]).mean()
 
     # G step: fakes with the real batch's labels (recipe A.3); gradients flow through D into the image only.
     opt_G.zero_grad(set_to_none=True)
     D.heads.requires_grad_(False)
-    for x, c in chunks:
-        fake = generate(G, torch.randn_like(x), _labels(c))
-        loss = generator_loss(D(fake, _labels(c)))
-        loss.backward()
-        stats['loss_G'] += loss.item() / num_images
+    for x, c, z, _ in _per_call(D, chunks):
+        loss = generator_loss(D(generate(G, z, _labels(c)), _labels(c)))
+        (loss * loss_scale).backward()
+        add('loss_G', loss / num_images)
     D.heads.requires_grad_(True)
+    if reduce_grads is not None:
+        reduce_grads(G_params)
     sanitize_grads(G_params)
     opt_G.step()
 
     # D step: fresh z, fakes without gradient from the just-updated G; fakes and reals are separate D calls.
     opt_D.zero_grad(set_to_none=True)
-    for x, c in chunks:
+    for x, c, _, z in _per_call(D, chunks):
         with torch.no_grad():
-            fake = generate(G, torch.randn_like(x), _labels(c))
+            fake = generate(G, z, _labels(c))
         logits_fake = D(fake, _labels(c))
         logits_real = D(x, _labels(c))
         loss = discriminator_loss(logits_fake, logits_real)
-        loss.backward()
-        stats['loss_D'] += loss.item() / num_images
-        stats['logits_fake'] += mean_logit(logits_fake) / len(chunks)
-        stats['logits_real'] += mean_logit(logits_real) / len(chunks)
+        (loss * loss_scale).backward()
+        add('loss_D', loss / num_images)
+        add('logits_fake', mean_logit(logits_fake) * x.shape[0] / num_images)
+        add('logits_real', mean_logit(logits_real) * x.shape[0] / num_images)
+    if reduce_grads is not None:
+        reduce_grads(D_params)
     sanitize_grads(D_params)
     opt_D.step()
 
     # R1 step, its own optimizer step on the same real batch (lazy: every 16th iteration, gain 16):
-    # L_R1 = 16 * gamma/2 * mean_i ||grad_i||^2.
+    # L_R1 = 16 * gamma/2 * mean_i ||grad_i||^2 (the mean taken as r1_scale * sum).
     if step > 0 and step % R1_INTERVAL == 0 and r1_gamma > 0:
         opt_D.zero_grad(set_to_none=True)
-        stats['r1'] = 0.0
-        for x, c in chunks:
+        for x, c, _, _ in _per_call(D, chunks):
             penalty = r1_penalty(D, x, _labels(c))
-            (R1_INTERVAL * r1_gamma / 2 * penalty.mean() / len(chunks)).backward()
-            stats['r1'] += penalty.mean().item() / len(chunks)
+            (R1_INTERVAL * r1_gamma / 2 * r1_scale * penalty.sum()).backward()
+            add('r1', penalty.sum() / num_images)
+        if reduce_grads is not None:
+            reduce_grads(D_params)
         sanitize_grads(D_params)
         opt_D.step()
     return stats
@@ -458,6 +487,8 @@ def ema_beta(batch, images_seen, ema_mimg):
 
 @torch.no_grad()
 def update_ema(G_ema, G, beta):
-    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-        if p.requires_grad:                 # frozen parameters are identical in both and stay so
-            p_ema.lerp_(p.detach(), 1 - beta)
+    # Frozen parameters are identical in both and stay so: only the trainable ones are averaged, in one
+    # multi-tensor operation.
+    pairs = [(p_ema, p) for p_ema, p in zip(G_ema.parameters(), G.parameters()) if p.requires_grad]
+    if pairs:
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - beta)

@@ -228,7 +228,9 @@ def toy_dataset(outdir):
 #----------------------------------------------------------------------------
 # Architectures (recipe A.1; EDM train.py kwargs) and presets: one row of the paper's table each (recipe G,
 # C.1-C.3). 'lr'/'dlr' are the Adam rates of G/D (D gets x16/17, C.1), 'ema' the EMA half-life in Mimg (its
-# ramp dominates, quirk I.7), 'kimg' the duration, 'freeze' the GDD-I level (0 = GDD).
+# ramp dominates, quirk I.7), 'kimg' the duration, 'freeze' the GDD-I level (0 = GDD), 'loss_batch' the
+# reduction batch of the losses (gdd.py section 4, recipe B.6: the per-GPU batch of the release script, which
+# runs 4 GPUs), 'fp16' the generator's U-Net in bfloat16 on CUDA (recipe A.4; no effect on a CPU).
 
 ARCHS = {
     'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
@@ -247,19 +249,24 @@ IMAGENET_D = 'deit_base_distilled_patch16_224,tf_efficientnet_lite0' # recipe E.
 
 PRESETS = {
     'cifar10':      dict(teacher=EDM_URL + 'edm-cifar10-32x32-uncond-ve.pkl', arch='ncsnpp', cres='2,2,2',
-                         batch=256, lr=1e-4, dlr=1e-4, ema=0.5, kimg=5000, r1_gamma=1e-4, freeze=1, features=CIFAR_D),
+                         batch=256, lr=1e-4, dlr=1e-4, ema=0.5, kimg=5000, r1_gamma=1e-4, freeze=1, features=CIFAR_D,
+                         loss_batch=64, fp16=True),
     'cifar10-cond': dict(teacher=EDM_URL + 'edm-cifar10-32x32-cond-ve.pkl', arch='ncsnpp', cres='2,2,2',
-                         batch=256, lr=1e-4, dlr=1e-4, ema=0.5, kimg=5000, r1_gamma=1e-4, freeze=1, features=CIFAR_D),
+                         batch=256, lr=1e-4, dlr=1e-4, ema=0.5, kimg=5000, r1_gamma=1e-4, freeze=1, features=CIFAR_D,
+                         loss_batch=64, fp16=True),
     'afhqv2':       dict(teacher=EDM_URL + 'edm-afhqv2-64x64-uncond-ve.pkl', arch='ncsnpp', cres='1,2,2,2',
-                         batch=256, lr=2e-5, dlr=4e-5, ema=0.5, kimg=10000, r1_gamma=1e-4, freeze=1, features=IMAGENET_D),
+                         batch=256, lr=2e-5, dlr=4e-5, ema=0.5, kimg=10000, r1_gamma=1e-4, freeze=1, features=IMAGENET_D,
+                         loss_batch=64, fp16=True),
     'ffhq':         dict(teacher=EDM_URL + 'edm-ffhq-64x64-uncond-ve.pkl', arch='ncsnpp', cres='1,2,2,2',
-                         batch=256, lr=2e-5, dlr=4e-5, ema=0.5, kimg=10000, r1_gamma=1e-4, freeze=1, features=IMAGENET_D),
+                         batch=256, lr=2e-5, dlr=4e-5, ema=0.5, kimg=10000, r1_gamma=1e-4, freeze=1, features=IMAGENET_D,
+                         loss_batch=64, fp16=True),
     'imagenet64':   dict(teacher=EDM_URL + 'edm-imagenet-64x64-cond-adm.pkl', arch='adm', cres='1,2,3,4',
-                         batch=512, lr=8e-6, dlr=4e-5, ema=50, kimg=10000, r1_gamma=1e-4, freeze=1, features=IMAGENET_D),
+                         batch=512, lr=8e-6, dlr=4e-5, ema=50, kimg=10000, r1_gamma=1e-4, freeze=1, features=IMAGENET_D,
+                         loss_batch=128, fp16=True),
     # The offline demo: toy data, the shipped toy teacher, the teacher's own encoder as D's feature network.
     'toy':          dict(teacher='assets/toy-teacher.pt', arch='toy', cres='1,2,2',
                          batch=32, lr=2e-4, dlr=2e-4, ema=0.5, kimg=16, r1_gamma=1e-4, freeze=1, features='teacher',
-                         dwidth=0.25, tick=4, snap=0, workers=0, fd_images=1000),
+                         loss_batch=32, fp16=False, dwidth=0.25, tick=4, snap=0, state=0, workers=0, fd_images=1000),
     # Makes assets/toy-teacher.pt: EDM's training loss on the toy data.
     'toy-teacher':  dict(arch='toy', cres='1,2,2', batch=64, lr=1e-3, ema=0.02, kimg=150, tick=5, snap=0, workers=0,
                          export='assets/toy-teacher.pt'),
@@ -272,7 +279,11 @@ COMMON = dict(
     teacher_sigma=gdd.TEACHER_FEATURE_SIGMA,    # noise level of the 'teacher' feature network
     proj_seed=0,        # seed of D's frozen random projections (same on every rank)
     fd_images=0,        # > 0: at the end, 8x8 Frechet distances of this many images + compare.png (toy demo)
-    seed=42,            # recipe C.4
+    seed=42,            # recipe C.4; data order and latents derive from it (identical for any number of GPUs)
+    batch_gpu=0,        # images per D call and rank; < batch / GPUs accumulates gradients (0 = batch / GPUs)
+    state=10,           # ticks between training-state files for --resume (0: only at the end); the last 3 are kept
+    resume='',          # training state to continue from: a file, a run folder, or 'auto' (newest in --outdir)
+    bench=0,            # > 0: time this many iterations on random data and a random-weight teacher, then exit
     tick=25,            # kimg between progress lines
     snap=10,            # ticks between snapshots (0: only at the end)
     workers=4,          # data-loading processes
@@ -287,6 +298,8 @@ HELP = dict(
     dlr='discriminator learning rate (x16/17)', ema='EMA half-life in Mimg (capped by the 5%% ramp)',
     kimg='training duration in thousands of images', r1_gamma='R1 weight gamma', freeze='GDD-I freezing level (0 = GDD)',
     features="D's feature networks: 'teacher' or ImageNet backbone names, comma separated",
+    loss_batch='reduction batch: losses are sums over this many images (recipe B.6)',
+    fp16="generator U-Net in bfloat16 on CUDA (recipe A.4)",
     **{k: re.sub(r'\s+', ' ', v) for k, v in dict(
         data="dataset zip/folder (EDM format); '' = draw the toy dataset", xflip='add x-flipped copies of the data',
         dwidth='discriminator width multiplier (CCM channels 64*dwidth, mini-D channels)',
@@ -294,7 +307,11 @@ HELP = dict(
         fd_images='> 0: 8x8 Frechet distances on this many images + compare.png at the end', seed='random seed',
         tick='kimg between progress lines', snap='ticks between snapshots (0 = at the end only)',
         workers='data-loading processes', outdir='parent folder of the run folders',
-        export='also save the final network here', device="'auto', 'cpu', 'cuda', ...").items()})
+        export='also save the final network here', device="'auto', 'cpu', 'cuda', ...",
+        batch_gpu='images per D call and process; smaller than batch / processes accumulates gradients (0 = batch / processes)',
+        state='ticks between training-state files (0 = at the end only); the last 3 are kept',
+        resume="continue from a training state: file, run folder, or 'auto' (newest in --outdir, else start fresh)",
+        bench='> 0: time this many iterations on random data with a random-weight teacher, print images/s and peak memory').items()})
 
 TEACHER_LR_RAMPUP_KIMG = 10     # toy teacher: linear lr warm-up (EDM uses 10 Mimg at batch 512)
 
@@ -359,26 +376,34 @@ class Logger:
         self.stdout.flush()
 
 #----------------------------------------------------------------------------
-# Data: an endless stream of per-epoch random permutations. Each rank of a multi-process run would take every
-# num_replicas-th index of the same permutation.
+# Data: the global stream of images is the concatenation of per-epoch random permutations (epoch e seeded with
+# [seed, e]). Iteration s uses stream positions [s B, (s+1) B); rank r of W takes the r-th of W equal slices of
+# that window and processes it as consecutive chunks of batch_gpu images. So which images an iteration sees
+# depends only on --seed, --batch and the image counter, not on the number of processes or chunks, and
+# resuming at image counter n restarts the stream exactly there.
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    def __init__(self, size, seed=0, rank=0, num_replicas=1):
-        self.size, self.seed, self.rank, self.num_replicas = size, seed, rank, num_replicas
+    def __init__(self, size, batch, seed=0, rank=0, num_replicas=1, start=0):
+        self.size, self.batch, self.seed, self.rank, self.num_replicas, self.start = size, batch, seed, rank, num_replicas, start
 
     def __iter__(self):
-        epoch = 0
+        per_rank, pos, epoch, order = self.batch // self.num_replicas, self.start, None, None
         while True:
-            order = np.random.RandomState([self.seed, epoch]).permutation(self.size)
-            yield from order[self.rank::self.num_replicas].tolist()
-            epoch += 1
+            for i in range(pos + self.rank * per_rank, pos + (self.rank + 1) * per_rank):
+                if i // self.size != epoch:
+                    epoch = i // self.size
+                    order = np.random.RandomState([self.seed, epoch]).permutation(self.size)
+                yield int(order[i % self.size])
+            pos += self.batch
 
 
-def batches(dataset, batch, seed, workers, device):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=InfiniteSampler(len(dataset), seed),
-                                         num_workers=workers, pin_memory=(device.type == 'cuda'), drop_last=True)
-    for images, labels in loader:
-        yield images.to(device).to(torch.float32) / 127.5 - 1, labels.to(device)   # uint8 -> [-1, 1]
+def batches(dataset, batch, batch_gpu, seed, workers, device, rank=0, world=1, start=0):
+    """Endless (images in [-1, 1], labels) chunks of batch_gpu for this rank, starting at global image `start`."""
+    sampler = InfiniteSampler(len(dataset), batch, seed, rank, world, start)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_gpu, sampler=sampler, num_workers=workers,
+                                         pin_memory=(device.type == 'cuda'))
+    for images, labels in loader:   # non_blocking copies from pinned memory: no host synchronisation
+        yield images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1, labels.to(device, non_blocking=True)
 
 
 def open_dataset(cfg, use_labels=True, teacher=None):
@@ -431,7 +456,7 @@ def train_teacher(cfg, run_dir, device):
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     print(f'Teacher: EDMPrecond({cfg.arch}), {sum(p.numel() for p in net.parameters()):,} parameters')
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    data = batches(dataset, cfg.batch, cfg.seed, cfg.workers, device)
+    data = batches(dataset, cfg.batch, cfg.batch, cfg.seed, cfg.workers, device)
     seen, tick_seen, tick_time, total, start = 0, 0, time.time(), cfg.kimg * 1000, time.time()
     while seen < total:
         y, c = next(data)
@@ -475,48 +500,274 @@ def load_teacher(cfg, device):
     return teacher
 
 
-def train_gdd(cfg, run_dir, device):
+# Multi-process runs (torchrun, one process per GPU; gloo on CPU). There is no DistributedDataParallel wrapper:
+# the G step backpropagates through D with D's parameters frozen (recipe E.9) and R1 needs double backward,
+# neither of which DDP's reducer handles. Instead every optimizer step sums the gradients of exactly the
+# parameters it updates over the ranks, in one flat all-reduce after all accumulation chunks (what DDP with
+# no_sync would send, without the overlap with backward). Frozen parameters (GDD-I's 85%, the feature networks,
+# the random projections) are never in it. Every rank builds identical networks from --seed and keeps them
+# identical: same initial weights, same summed gradients, same optimizer arithmetic.
+
+def init_distributed(device_opt):
+    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (('WORLD_SIZE', 1), ('RANK', 0), ('LOCAL_RANK', 0)))
+    if device_opt == 'auto':
+        device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+    else:
+        device = torch.device(device_opt)
+        if device.type == 'cuda' and device.index is None:
+            device = torch.device('cuda', local_rank)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if world > 1:
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world, device
+
+
+def sum_grads_over_ranks(params):
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def broadcast(obj, rank):
+    """A picklable value from rank 0 to every rank (identity in a single process)."""
+    if not torch.distributed.is_initialized():
+        return obj
+    box = [obj if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def peak_memory_gb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource     # CPU: peak resident memory of the process (kB on Linux)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+#----------------------------------------------------------------------------
+# Training state for --resume: everything the next iteration depends on, as plain types and tensors
+# (loadable with torch.load(weights_only=True)). Training draws randomness only from the data order (a function
+# of --seed and the image counter) and the latent generator, whose state is saved. Written by rank 0 with
+# edm_nets.atomic_save (temporary file, fsync, rename), named by iteration; the last 3 are kept. A file cut off
+# by a kill is never a candidate (temporary files are hidden and unnamed like states), and a corrupt one is
+# skipped in favour of the previous one. Multi-node runs need --outdir on a shared filesystem.
+
+STATE_FORMAT = 'gdd-min-training-state'
+STATE_RE = re.compile(r'^training-state-(\d+)\.pt$')
+STATE_KEEP = 3
+RESUME_MUST_MATCH = ('preset', 'arch', 'cres', 'freeze', 'features', 'dwidth', 'proj_seed', 'teacher_sigma', 'seed',
+                     'batch', 'loss_batch')
+
+
+def save_training_state(run_dir, step, tick, seen, cfg, G, G_ema, D, opt_G, opt_D, latent_gen):
+    state = dict(format=STATE_FORMAT, step=step, tick=tick, seen=seen, config=vars(cfg),
+                 G=G.state_dict(), G_ema=G_ema.state_dict(), D=D.heads.state_dict(),
+                 opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict(), latent_gen=latent_gen.get_state())
+    edm_nets.atomic_save(state, os.path.join(run_dir, f'training-state-{step:08d}.pt'))
+    for old in training_states(run_dir)[STATE_KEEP:]:
+        os.remove(old)
+
+
+def training_states(run_dir):
+    """Paths of the training states in run_dir, newest first."""
+    names = [n for n in os.listdir(run_dir) if STATE_RE.match(n)] if os.path.isdir(run_dir) else []
+    return [os.path.join(run_dir, n) for n in sorted(names, reverse=True)]
+
+
+def find_training_state(resume, outdir, preset):
+    """(path, state) of the newest complete training state of --resume, or (None, None) for 'auto' with none."""
+    if resume == 'auto':
+        runs = sorted((d for d in (os.listdir(outdir) if os.path.isdir(outdir) else []) if re.match(rf'^\d+-{re.escape(preset)}$', d)), reverse=True)
+        candidates = [p for d in runs for p in training_states(os.path.join(outdir, d))]
+    elif os.path.isdir(resume):
+        candidates = training_states(resume)
+    elif os.path.isfile(resume):
+        candidates = [resume]
+    else:
+        raise SystemExit(f'error: --resume {resume}: no such file or folder')
+    for path in candidates:
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            if isinstance(state, dict) and state.get('format') == STATE_FORMAT:
+                return path, state
+            print(f'note: skipping {path}: not a gdd-min training state')
+        except Exception as e:      # cut off or corrupt: fall back to the previous state
+            print(f'note: skipping {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}')
+    if resume != 'auto':
+        raise SystemExit(f'error: --resume {resume}: no complete training state found')
+    return None, None
+
+
+def resume_run_dir(path, state, cfg):
+    """Check the state belongs to this configuration; drop stats.jsonl lines written after it."""
+    wrong = [f'{k}={state["config"].get(k)!r} (now {getattr(cfg, k)!r})' for k in RESUME_MUST_MATCH
+             if state['config'].get(k) != getattr(cfg, k)]
+    if wrong:
+        raise SystemExit(f'error: {path} was written with ' + ', '.join(wrong))
+    run_dir = os.path.dirname(os.path.abspath(path))
+    stats_path = os.path.join(run_dir, 'stats.jsonl')
+    if os.path.isfile(stats_path):
+        keep = []
+        for line in open(stats_path):
+            try:
+                if json.loads(line)['kimg'] <= state['seen'] / 1000:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass        # a line cut off by the kill
+        with open(stats_path + '.tmp', 'w') as f:
+            f.writelines(keep)
+        os.replace(stats_path + '.tmp', stats_path)
+    return run_dir
+
+#----------------------------------------------------------------------------
+# GDD training (gdd.py does the method; this is the loop around it). --bench runs the same iterations on random
+# data with a random-weight teacher of the preset's architecture and random-filled ImageNet backbones.
+
+BENCH_GEOMETRY = {'cifar10': (32, 0), 'cifar10-cond': (32, 10), 'afhqv2': (64, 0), 'ffhq': (64, 0),
+                  'imagenet64': (64, 1000), 'toy': (32, 10)}      # (resolution, label_dim) of each preset's data
+
+
+def random_teacher(cfg):
+    resolution, label_dim = BENCH_GEOMETRY[cfg.preset]
+    return edm_nets.EDMPrecond(img_resolution=resolution, img_channels=3, label_dim=label_dim, **arch_kwargs(cfg))
+
+
+def build_training(cfg, device, rank, world):
+    """Networks and optimizers, identical on every rank (construction draws from the torch RNG seeded with --seed)."""
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    teacher = load_teacher(cfg, device)
-    dataset = open_dataset(cfg, use_labels=teacher.label_dim > 0, teacher=teacher)
-
-    G = gdd.generator_from_teacher(teacher).to(device).train()
-    G_params, _, _ = gdd.freeze_generator(G, cfg.freeze)
+    teacher = random_teacher(cfg) if cfg.bench else load_teacher(cfg, 'cpu')
+    dataset = None if cfg.bench else open_dataset(cfg, use_labels=teacher.label_dim > 0, teacher=teacher)
+    G = gdd.generator_from_teacher(teacher, use_fp16=cfg.fp16).to(device).train()
+    G_params, _, _ = gdd.freeze_generator(G, cfg.freeze, verbose=rank == 0)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    weights = dict(item.split('=', 1) for item in cfg.backbone_weights)
-    D = gdd.build_discriminator(cfg.features.split(','), teacher, label_dim=teacher.label_dim, width=cfg.dwidth,
+    G_ema.use_fp16 = G_ema.init_kwargs['use_fp16'] = False     # recipe A.4: sampling and evaluation in fp32
+    names = cfg.features.split(',')
+    weights = {name: None for name in names} if cfg.bench else dict(item.split('=', 1) for item in cfg.backbone_weights)
+    D = gdd.build_discriminator(names, teacher, label_dim=teacher.label_dim, width=cfg.dwidth,
                                 cout=max(int(64 * cfg.dwidth), 8), proj_seed=cfg.proj_seed, backbone_weights=weights,
                                 teacher_sigma=cfg.teacher_sigma).to(device).train()
     print(f'Discriminator: feature networks {cfg.features}, {sum(p.numel() for p in D.heads.parameters()):,} trainable parameters')
     opt_G, opt_D = gdd.make_optimizers(G_params, D, cfg.lr, cfg.dlr)
-    z_grid, c_grid = fixed_latents(G, device=device)
-    data = batches(dataset, cfg.batch, cfg.seed, cfg.workers, device)
+    return teacher if cfg.fd_images else None, dataset, G, G_ema, D, opt_G, opt_D
 
-    step, seen, total, start = 0, 0, cfg.kimg * 1000, time.time()
-    tick, tick_seen, tick_time, tick_stats = 0, 0, time.time(), []
-    while seen < total:
-        x, c = next(data)
-        stats = gdd.train_step(G, D, opt_G, opt_D, [(x, c)], step, cfg.r1_gamma)
+
+def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None):
+    batch_gpu = cfg.batch_gpu or cfg.batch // world
+    if cfg.batch % (world * batch_gpu):
+        raise SystemExit(f'error: --batch {cfg.batch} is not a multiple of {world} processes x --batch-gpu {batch_gpu}')
+    if cfg.bench and cfg.preset not in BENCH_GEOMETRY:
+        raise SystemExit(f'error: --bench needs one of the presets {", ".join(BENCH_GEOMETRY)}')
+    torch.backends.cudnn.benchmark = True                      # recipe A.4: TF32 off, no reduced-precision fp16 sums
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    teacher, dataset, G, G_ema, D, opt_G, opt_D = build_training(cfg, device, rank, world)
+    latent_gen = torch.Generator(device).manual_seed(cfg.seed)  # identical on every rank: each takes its rows
+    step, tick, seen = 0, 0, 0
+    if state is not None:
+        G.load_state_dict(state['G'])
+        G_ema.load_state_dict(state['G_ema'])
+        D.heads.load_state_dict(state['D'])
+        opt_G.load_state_dict(state['opt_G'])
+        opt_D.load_state_dict(state['opt_D'])
+        latent_gen.set_state(state['latent_gen'])
+        step, tick, seen = state['step'], state['tick'], state['seen']
+        print(f'Resumed at iteration {step}, {seen / 1000:.3f} kimg')
+        del state
+
+    # This rank's rows of the global batch, as num_chunks calls of batch_gpu images (gdd.py section 4).
+    per_rank, num_chunks = cfg.batch // world, cfg.batch // (world * batch_gpu)
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    shape = [cfg.batch, G.img_channels, G.img_resolution, G.img_resolution]
+    reduce = sum_grads_over_ranks if world > 1 else None
+    print(f'Batch {cfg.batch} = {world} processes x {num_chunks} chunks x {batch_gpu} images, losses reduced over '
+          f'{cfg.loss_batch} images; device {device}' + (', generator U-Net in bfloat16' if cfg.fp16 and device.type == 'cuda' else ''))
+
+    def iteration(chunks, step, seen):
+        z_G = torch.randn(shape, generator=latent_gen, device=device)[rows].split(batch_gpu)
+        z_D = torch.randn(shape, generator=latent_gen, device=device)[rows].split(batch_gpu)
+        chunks = [(x, c, zg, zd) for (x, c), zg, zd in zip(chunks, z_G, z_D)]
+        stats = gdd.train_step(G, D, opt_G, opt_D, chunks, step, cfg.r1_gamma, loss_scale=cfg.loss_batch / cfg.batch,
+                               r1_scale=1 / cfg.batch, reduce_grads=reduce)
         gdd.update_ema(G_ema, G, gdd.ema_beta(cfg.batch, seen, cfg.ema))
+        return stats
+
+    if cfg.bench:
+        return bench(cfg, iteration, G, device, world, num_chunks, batch_gpu)
+
+    data = batches(dataset, cfg.batch, batch_gpu, cfg.seed, cfg.workers, device, rank, world, start=seen)
+    z_grid, c_grid = fixed_latents(G, device=device)
+    total, tick_images, start = round(cfg.kimg * 1000), round(cfg.tick * 1000), time.time()
+    tick_seen, tick_time, sums, counts = seen, time.time(), {}, {}
+    while seen < total:
+        stats = iteration([next(data) for _ in range(num_chunks)], step, seen)
+        for k, v in stats.items():      # tensors: no host synchronisation until the tick
+            sums[k], counts[k] = sums.get(k, 0) + v, counts.get(k, 0) + 1
         step, seen = step + 1, seen + cfg.batch
-        tick_stats.append(stats)
 
         done = seen >= total
-        if seen - tick_seen >= cfg.tick * 1000 or done:
+        if seen - tick_seen >= tick_images or done:
+            tick += 1
+            keys = ['loss_G', 'loss_D', 'logits_real', 'logits_fake', 'r1']
+            values = torch.stack([sums[k] / counts[k] if k in sums else torch.tensor(float('nan'), device=device) for k in keys])
+            mem = torch.tensor([peak_memory_gb(device)], device=device)
+            if world > 1:
+                torch.distributed.all_reduce(values)
+                torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
+                values /= world
             dt = time.time() - tick_time
-            mean = lambda k: np.mean([s[k] for s in tick_stats if k in s]) if any(k in s for s in tick_stats) else float('nan')
-            print(f'kimg {seen / 1000:8.1f}  sec/kimg {dt / (seen - tick_seen) * 1000:6.2f}  img/s {(seen - tick_seen) / dt:7.1f}  '
-                  f'loss G {mean("loss_G"):.3f} D {mean("loss_D"):.3f}  logits real {mean("logits_real"):+.3f} '
-                  f'fake {mean("logits_fake"):+.3f}  R1 {mean("r1"):.4g}  time {time.time() - start:6.0f}s', flush=True)
-            tick, tick_seen, tick_time, tick_stats = tick + 1, seen, time.time(), []
-            if done or (cfg.snap and tick % cfg.snap == 0):
-                with torch.no_grad():
-                    save_grid(to_uint8(gdd.generate(G_ema, z_grid, c_grid)), os.path.join(run_dir, f'samples-{seen // 1000:06d}.png'))
-                save_snapshot(G_ema, cfg, os.path.join(run_dir, f'network-snapshot-{seen // 1000:06d}.pt'))
+            line = dict(tick=tick, kimg=seen / 1000, step=step, sec_per_kimg=dt / (seen - tick_seen) * 1000,
+                        images_per_s=(seen - tick_seen) / dt, **dict(zip(keys, values.tolist())),
+                        peak_mem_gb=mem.item(), time=time.time() - start)
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+            tick_seen, tick_time, sums, counts = seen, time.time(), {}, {}
+            if rank == 0:
+                print(f'kimg {line["kimg"]:8.1f}  sec/kimg {line["sec_per_kimg"]:6.2f}  img/s {line["images_per_s"]:7.1f}  '
+                      f'loss G {line["loss_G"]:.3f} D {line["loss_D"]:.3f}  logits real {line["logits_real"]:+.3f} '
+                      f'fake {line["logits_fake"]:+.3f}  R1 {line["r1"]:.4g}  mem {line["peak_mem_gb"]:.2f}GB  '
+                      f'time {line["time"]:6.0f}s', flush=True)
+                with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
+                    f.write(json.dumps(line) + '\n')
+                if done or (cfg.snap and tick % cfg.snap == 0):
+                    with torch.no_grad():
+                        save_grid(to_uint8(gdd.generate(G_ema, z_grid, c_grid)), os.path.join(run_dir, f'samples-{seen // 1000:06d}.png'))
+                    save_snapshot(G_ema, cfg, os.path.join(run_dir, f'network-snapshot-{seen // 1000:06d}.pt'))
+                if done or (cfg.state and tick % cfg.state == 0):
+                    save_training_state(run_dir, step, tick, seen, cfg, G, G_ema, D, opt_G, opt_D, latent_gen)
     print(f'Training done: {step} iterations, {seen / 1000:.1f} kimg in {time.time() - start:.0f}s')
-    if cfg.fd_images:
-        evaluate_small(G_ema, teacher, dataset, cfg, run_dir, device)
+    if cfg.fd_images and rank == 0:
+        evaluate_small(G_ema, teacher.to(device), dataset, cfg, run_dir, device)
+
+
+def bench(cfg, iteration, G, device, world, num_chunks, batch_gpu):
+    """cfg.bench iterations on one fixed random batch; the first is a warm-up unless it is the only one."""
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    R, L = G.img_resolution, G.label_dim
+    chunks = [(torch.rand([batch_gpu, G.img_channels, R, R], generator=g, device=device) * 2 - 1,
+               torch.eye(L, device=device)[torch.randint(L, [batch_gpu], generator=g, device=device)] if L else
+               torch.zeros([batch_gpu, 0], device=device)) for _ in range(num_chunks)]
+    sync = lambda: torch.cuda.synchronize(device) if device.type == 'cuda' else None
+    for step in range(cfg.bench):
+        if step == min(1, cfg.bench - 1):
+            sync()
+            t0, timed = time.time(), cfg.bench - step
+        iteration(chunks, step + 1, step * cfg.batch)      # iteration indices 1.. (R1 at 16, 32, ...)
+    sync()
+    dt = time.time() - t0
+    mem = torch.tensor([peak_memory_gb(device)], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
+    result = dict(preset=cfg.preset, freeze=cfg.freeze, features=cfg.features, batch=cfg.batch, batch_gpu=batch_gpu,
+                  processes=world, device=str(device), iterations=timed, images_per_s=timed * cfg.batch / dt,
+                  sec_per_iteration=dt / timed, peak_mem_gb=mem.item())
+    print(f'bench {cfg.preset} freeze={cfg.freeze} features={cfg.features} batch {cfg.batch} ({world} x {num_chunks} x '
+          f'{batch_gpu}) on {device}: {result["images_per_s"]:.2f} images/s, {result["sec_per_iteration"]:.3f} s/iteration, '
+          f'peak memory {result["peak_mem_gb"]:.2f} GB ({timed} timed iterations)', flush=True)
+    print('BENCH ' + json.dumps(result))
+    return result
 
 #----------------------------------------------------------------------------
 # Small-scale evaluation (the toy demo): Frechet distances of images downsampled to 8x8 (a 192-dimensional
@@ -586,20 +837,41 @@ def save_comparison(images, metrics, path, scale=2):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
-    run_dir = make_run_dir(cfg)
-    sys.stdout = Logger(os.path.join(run_dir, 'log.txt'))
-    print(f'Preset {cfg.preset}, run directory {run_dir}, device {device}')
-    print('Options: ' + json.dumps(vars(cfg)))
+    if cfg.preset == 'toy-teacher':
+        cfg.bench, cfg.resume = 0, ''
+    rank, world, device = init_distributed(cfg.device)
+    stdout = sys.stdout
     try:
+        if rank == 0 and not cfg.data and not cfg.bench:
+            os.makedirs(cfg.outdir, exist_ok=True)
+            toy_dataset(cfg.outdir)                 # drawn once, before the other ranks read it
+        path, state = find_training_state(cfg.resume, cfg.outdir, cfg.preset) if cfg.resume and rank == 0 else (None, None)
+        path = broadcast(path, rank)
+        if path and rank > 0:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+        run_dir = None
+        if rank == 0 and not cfg.bench:
+            run_dir = resume_run_dir(path, state, cfg) if path else make_run_dir(cfg)
+        run_dir = broadcast(run_dir, rank)
+        if rank == 0 and run_dir:
+            sys.stdout = Logger(os.path.join(run_dir, 'log.txt'))
+        elif rank > 0:
+            sys.stdout = open(os.devnull, 'w')      # rank 0 reports for everyone; errors still go to stderr
+        print(f'Preset {cfg.preset}, run directory {run_dir}, device {device}, {world} process(es)'
+              + (f', resuming from {path}' if path else ''))
+        print('Options: ' + json.dumps(vars(cfg)))
         if cfg.preset == 'toy-teacher':
             train_teacher(cfg, run_dir, device)
         else:
-            train_gdd(cfg, run_dir, device)
+            return train_gdd(cfg, run_dir, device, rank, world, state)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'error: {e}') from None
     finally:
-        sys.stdout = sys.stdout.stdout
+        if sys.stdout is not stdout:
+            sys.stdout.flush()
+            sys.stdout = stdout
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -167,7 +167,7 @@ def test_training_step_moves_logits_the_right_way():
     x, c = torch.rand(8, 3, 16, 16) * 2 - 1, torch.eye(10)[torch.arange(8)]
     torch.manual_seed(1)
     for step in range(6):
-        stats = gdd.train_step(G, D, opt_G, opt_D, [(x, c)], step + 1, 1e-4)
+        stats = gdd.train_step(G, D, opt_G, opt_D, [(x, c, torch.randn_like(x), torch.randn_like(x))], step + 1, 1e-4)
     assert stats['logits_real'] > stats['logits_fake']   # D learns to separate
     # One G step on the same z raises D's logits on the fake (non-saturating loss descends).
     z = torch.randn(8, 3, 16, 16)
@@ -190,7 +190,7 @@ def test_frozen_parameters_get_no_gradient_and_no_optimizer_state():
     assert frozen and trainable
     x, c = torch.rand(4, 3, 16, 16) * 2 - 1, torch.eye(10)[[1, 2, 3, 4]]
     for step in range(2):
-        gdd.train_step(G, D, opt_G, opt_D, [(x, c)], step, 1e-4)
+        gdd.train_step(G, D, opt_G, opt_D, [(x, c, torch.randn_like(x), torch.randn_like(x))], step, 1e-4)
     params = dict(G.named_parameters())
     for n, before in frozen.items():
         assert params[n].grad is None and params[n] not in opt_G.state and torch.equal(params[n], before)
@@ -215,9 +215,9 @@ def test_r1_equals_a_direct_computation():
     torch.testing.assert_close(fd, (grad * v).sum().double(), rtol=2e-2, atol=1e-3)
     # The R1 step: loss = 16 * gamma / 2 * mean_i ||grad_i||^2, on iterations 16, 32, ... only.
     D.train()
-    assert 'r1' not in gdd.train_step(G, D, opt_G, opt_D, [(x.float(), c.float())], 0, 1e-4)
-    assert 'r1' not in gdd.train_step(G, D, opt_G, opt_D, [(x.float(), c.float())], 15, 1e-4)
-    assert 'r1' in gdd.train_step(G, D, opt_G, opt_D, [(x.float(), c.float())], 16, 1e-4)
+    assert 'r1' not in gdd.train_step(G, D, opt_G, opt_D, [(x.float(), c.float(), x.float(), -x.float())], 0, 1e-4)
+    assert 'r1' not in gdd.train_step(G, D, opt_G, opt_D, [(x.float(), c.float(), x.float(), -x.float())], 15, 1e-4)
+    assert 'r1' in gdd.train_step(G, D, opt_G, opt_D, [(x.float(), c.float(), x.float(), -x.float())], 16, 1e-4)
 
 
 def test_sanitize_grads():

@@ -639,6 +639,10 @@ def build_training(cfg, device, rank, world):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     teacher = random_teacher(cfg) if cfg.bench else load_teacher(cfg, 'cpu')
+    if not cfg.bench and not cfg.data and world > 1:
+        if rank == 0:
+            toy_dataset(cfg.outdir)                 # drawn once, before the other ranks read it
+        torch.distributed.barrier()
     dataset = None if cfg.bench else open_dataset(cfg, use_labels=teacher.label_dim > 0, teacher=teacher)
     G = gdd.generator_from_teacher(teacher, use_fp16=cfg.fp16).to(device).train()
     G_params, _, _ = gdd.freeze_generator(G, cfg.freeze, verbose=rank == 0)
@@ -729,8 +733,8 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None):
                       f'loss G {line["loss_G"]:.3f} D {line["loss_D"]:.3f}  logits real {line["logits_real"]:+.3f} '
                       f'fake {line["logits_fake"]:+.3f}  R1 {line["r1"]:.4g}  mem {line["peak_mem_gb"]:.2f}GB  '
                       f'time {line["time"]:6.0f}s', flush=True)
-                with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
-                    f.write(json.dumps(line) + '\n')
+                with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:     # NaN (no R1 step in the tick) -> null
+                    f.write(json.dumps({k: None if v != v else v for k, v in line.items()}) + '\n')
                 if done or (cfg.snap and tick % cfg.snap == 0):
                     with torch.no_grad():
                         save_grid(to_uint8(gdd.generate(G_ema, z_grid, c_grid)), os.path.join(run_dir, f'samples-{seen // 1000:06d}.png'))
@@ -842,9 +846,6 @@ def main(argv=None):
     rank, world, device = init_distributed(cfg.device)
     stdout = sys.stdout
     try:
-        if rank == 0 and not cfg.data and not cfg.bench:
-            os.makedirs(cfg.outdir, exist_ok=True)
-            toy_dataset(cfg.outdir)                 # drawn once, before the other ranks read it
         path, state = find_training_state(cfg.resume, cfg.outdir, cfg.preset) if cfg.resume and rank == 0 else (None, None)
         path = broadcast(path, rank)
         if path and rank > 0:

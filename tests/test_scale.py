@@ -4,8 +4,10 @@ CPU) against one process, exact resume, refusal of cut-off training states, and 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -107,10 +109,31 @@ def test_resume_continues_bit_for_bit(tmp_path):
     shutil.copy(run_a / 'training-state-00000009.pt', run_b)
     (run_b / 'stats.jsonl').write_text('{"kimg": 0.036}\n{"kimg": 0.05}\n{"kimg": 0.')     # written after it, then killed
     train_min.main([*args, '--outdir', str(tmp_path / 'b'), '--kimg', '0.072', '--tick', '0.036', '--resume', str(run_b)])
+    stats = [json.loads(line) for line in (run_a / 'stats.jsonl').read_text().splitlines()]
+    assert [s['kimg'] for s in stats] == [0.036, 0.072] and stats[0]['r1'] is None and stats[1]['r1'] > 0
+    assert {'sec_per_kimg', 'images_per_s', 'loss_G', 'loss_D', 'logits_real', 'logits_fake', 'peak_mem_gb'} <= set(stats[1])
     a, b = _load(run_a / 'training-state-00000018.pt'), _load(run_b / 'training-state-00000018.pt')
     _compare(a, b, exact=True)
     lines = (run_b / 'stats.jsonl').read_text().splitlines()
     assert [json.loads(line)['kimg'] for line in lines] == [0.036, 0.072]
+    # A real kill: SIGKILL a training process once its first state is on disk (wherever it then is: computing,
+    # writing the next state), then the same command with --resume auto finishes it, bit for bit.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, 'train_min.py'), *args, '--outdir', str(tmp_path / 'c'),
+           '--kimg', '0.072', '--tick', '0.004']
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not train_min.training_states(str(tmp_path / 'c' / '00000-toy')) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    steps = [int(p[-11:-3]) for p in train_min.training_states(str(tmp_path / 'c' / '00000-toy'))]
+    assert steps and max(steps) < 18
+    train_min.main([*args, '--outdir', str(tmp_path / 'c'), '--kimg', '0.072', '--tick', '0.004', '--resume', 'auto'])
+    _compare(a, _load(tmp_path / 'c' / '00000-toy' / 'training-state-00000018.pt'), exact=True)
     # 'auto' finds the newest state of the preset in --outdir; a finished run then has nothing left to do.
     path, state = train_min.find_training_state('auto', str(tmp_path / 'b'), 'toy')
     assert path.endswith('training-state-00000018.pt') and state['step'] == 18

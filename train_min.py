@@ -4,9 +4,12 @@
     python train_min.py cifar10 --data cifar10-32x32.zip          # GDD-I; add --freeze 0 for GDD
     python train_min.py toy-teacher                  # re-make assets/toy-teacher.pt with EDM's training loss
     python train_min.py PRESET --help                # every value of the preset, each overridable
+    torchrun --nproc_per_node=8 train_min.py cifar10 --data cifar10-32x32.zip --resume auto   # 8 GPUs, resumable
+    python train_min.py cifar10 --bench 20 --batch-gpu 64                   # speed + memory, no data or download
 
 Outputs go to --outdir/NNNNN-PRESET/: log.txt, network-snapshot-KKKKKK.pt (EMA generator, gdd-min checkpoint
-format), samples-KKKKKK.png (fixed seeds), and for --fd-images > 0 compare.png + metrics.json.
+format), samples-KKKKKK.png (fixed seeds), stats.jsonl (one line per tick), training-state-IIIIIIII.pt (for
+--resume; the last 3), and for --fd-images > 0 compare.png + metrics.json.
 """
 
 import argparse

@@ -247,6 +247,7 @@ ARCHS = {
 }
 
 EDM_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/'
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')   # the shipped toy files, from any cwd
 CIFAR_D = 'vgg16_bn,tf_efficientnet_lite0'                          # recipe E.2, --backbone 1
 IMAGENET_D = 'deit_base_distilled_patch16_224,tf_efficientnet_lite0' # recipe E.2, --backbone 0
 
@@ -267,12 +268,12 @@ PRESETS = {
                          batch=512, lr=8e-6, dlr=4e-5, ema=50, kimg=10000, r1_gamma=1e-4, freeze=1, features=IMAGENET_D,
                          loss_batch=128, fp16=True),
     # The offline demo: toy data, the shipped toy teacher, the teacher's own encoder as D's feature network.
-    'toy':          dict(teacher='assets/toy-teacher.pt', arch='toy', cres='1,2,2',
+    'toy':          dict(teacher=os.path.join(ASSETS, 'toy-teacher.pt'), arch='toy', cres='1,2,2',
                          batch=32, lr=2e-4, dlr=2e-4, ema=0.5, kimg=16, r1_gamma=1e-4, freeze=1, features='teacher',
                          loss_batch=32, fp16=False, dwidth=0.25, tick=4, snap=0, state=0, workers=0, fd_images=1000),
     # Makes assets/toy-teacher.pt: EDM's training loss on the toy data.
     'toy-teacher':  dict(arch='toy', cres='1,2,2', batch=64, lr=1e-3, ema=0.02, kimg=150, tick=5, snap=0, workers=0,
-                         export='assets/toy-teacher.pt'),
+                         export=os.path.join(ASSETS, 'toy-teacher.pt')),
 }
 
 COMMON = dict(
@@ -734,7 +735,7 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None):
             if rank == 0:
                 print(f'kimg {line["kimg"]:8.1f}  sec/kimg {line["sec_per_kimg"]:6.2f}  img/s {line["images_per_s"]:7.1f}  '
                       f'loss G {line["loss_G"]:.3f} D {line["loss_D"]:.3f}  logits real {line["logits_real"]:+.3f} '
-                      f'fake {line["logits_fake"]:+.3f}  R1 {line["r1"]:.4g}  mem {line["peak_mem_gb"]:.2f}GB  '
+                      f'fake {line["logits_fake"]:+.3f}  R1 {"-" if line["r1"] != line["r1"] else format(line["r1"], ".4g")}  mem {line["peak_mem_gb"]:.2f}GB  '
                       f'time {line["time"]:6.0f}s', flush=True)
                 with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:     # NaN (no R1 step in the tick) -> null
                     f.write(json.dumps({k: None if v != v else v for k, v in line.items()}) + '\n')

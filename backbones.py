@@ -400,9 +400,11 @@ def _resolve(name, source):
         try:
             from edm_nets import open_url   # lazy: URL download + cache shared with load_network
             return open_url(source)
-        except Exception as e:
+        except OSError as e:
             msg = (str(e).splitlines() or [''])[0]
-            raise RuntimeError(f'could not fetch {name} weights from {source} ({type(e).__name__}: {msg}); {hint}') from None
+            if source not in msg:
+                msg = f'could not download {source} ({msg}); download it elsewhere and pass the local path'
+            raise OSError(f'{msg} (train_min.py: --backbone-weights {name}=PATH)') from None
     from pathlib import Path
     path = Path(source).expanduser()
     if not path.is_file():

@@ -718,7 +718,12 @@ def open_url(source, cache_dir=None):
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     try:
-        with urllib.request.urlopen(source, timeout=60) as r, open(tmp, 'wb') as f:
+        try:
+            r = urllib.request.urlopen(source, timeout=60)
+        except (OSError, ValueError) as e:   # URLError, HTTPError and timeouts are OSErrors
+            reason = getattr(e, 'reason', None) or e
+            raise OSError(f'could not download {source} ({reason}); download it elsewhere and pass the local path') from None
+        with r, open(tmp, 'wb') as f:
             total = int(r.headers.get('Content-Length') or 0)
             done = 0
             while chunk := r.read(1 << 20):

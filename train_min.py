@@ -869,7 +869,7 @@ def main(argv=None):
             train_teacher(cfg, run_dir, device)
         else:
             return train_gdd(cfg, run_dir, device, rank, world, state)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:     # missing or unreadable inputs, failed downloads: one line
         raise SystemExit(f'error: {e}') from None
     finally:
         if sys.stdout is not stdout:

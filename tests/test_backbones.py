@@ -316,7 +316,7 @@ def test_missing_weights_say_what_to_download(tmp_path, monkeypatch):
         raise OSError('network unreachable\nmore detail')
     monkeypatch.setitem(sys.modules, 'edm_nets', types.SimpleNamespace(open_url=open_url))
     url = B.WEIGHT_URLS['deit_base_distilled_patch16_224']
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(OSError) as e:
         B.build_backbone('deit_base_distilled_patch16_224', weights=url)
     msg = str(e.value)
     assert '\n' not in msg and url in msg and 'local path' in msg

@@ -352,3 +352,14 @@ def test_networks_built_from_one_state_dict_do_not_share_memory():
         a.model.out_conv.weight.add_(1)
     assert torch.equal(b.model.out_conv.weight, d['state_dict']['model.out_conv.weight'])
     assert all(p.requires_grad for p in a.parameters())  # ready for fine-tuning; eval/no-grad is the caller's choice
+
+
+def test_failed_download_is_one_clear_line(tmp_path, monkeypatch):
+    # Nothing listens on port 1 of the loopback address: the connection is refused at once.
+    monkeypatch.setenv('GDD_CACHE', str(tmp_path))
+    url = 'http://127.0.0.1:1/edm-cifar10-32x32-uncond-ve.pkl'
+    with pytest.raises(OSError) as e:
+        edm_nets.load_network(url)
+    msg = str(e.value)
+    assert '\n' not in msg and url in msg and 'local path' in msg
+    assert not list(tmp_path.iterdir())           # no partial file left in the cache

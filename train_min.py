@@ -868,7 +868,10 @@ def main(argv=None):
         if cfg.preset == 'toy-teacher':
             train_teacher(cfg, run_dir, device)
         else:
-            return train_gdd(cfg, run_dir, device, rank, world, state)
+            result = train_gdd(cfg, run_dir, device, rank, world, state)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()     # every rank done with its collectives before the group goes away
+            return result
     except (OSError, ValueError) as e:     # missing or unreadable inputs, failed downloads: one line
         raise SystemExit(f'error: {e}') from None
     finally:

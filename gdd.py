@@ -88,14 +88,14 @@ def load_generator(source, device='cpu'):
     apart with isinstance(net, GDDPrecond)). Nothing in the file is executed."""
     path = edm_nets.open_url(source)
     if zipfile.is_zipfile(path):
-        return edm_nets.load_network(path, classes={'GDDPrecond': GDDPrecond}, device=device)
+        return _fp32(edm_nets.load_network(path, classes={'GDDPrecond': GDDPrecond}, device=device))
     data = edm_nets.read_pickle(path)
     ema = data.get('ema') if isinstance(data, dict) else None
     if not isinstance(ema, edm_nets.Persistent):
         raise ValueError(f'{path}: no network under key "ema"')
     state_dict = edm_nets.persistent_state_dict(ema)
     if ema.class_name != 'D2OPrecond':
-        return edm_nets.build_network(ema.class_name, ema.init_kwargs, state_dict).eval().to(device)
+        return _fp32(edm_nets.build_network(ema.class_name, ema.init_kwargs, state_dict).eval().to(device))
     # The release's wrapper = EDM-style preconditioning with eps = 0.002 around the U-Net child 'model'.
     model = ema.state['_modules']['model']
     attr = lambda k, default=None: ema.state.get(k, ema.init_kwargs.get(k, default))
@@ -104,7 +104,14 @@ def load_generator(source, device='cpu'):
     kwargs = dict(img_resolution=attr('img_resolution'), img_channels=attr('img_channels'), label_dim=attr('label_dim', 0),
                   use_fp16=bool(attr('use_fp16', False)), sigma_data=attr('sigma_data', 0.5),
                   model_type=model.class_name, **model_kwargs)
-    return edm_nets.build_network('GDDPrecond', kwargs, state_dict, classes={'GDDPrecond': GDDPrecond}).eval().to(device)
+    return _fp32(edm_nets.build_network('GDDPrecond', kwargs, state_dict, classes={'GDDPrecond': GDDPrecond}).eval().to(device))
+
+
+def _fp32(net):
+    # Recipe A.4 / F.2: sampling and evaluation run in fp32, even for networks trained with use_fp16 (the
+    # official release files and the ImageNet ADM teacher say use_fp16=True; on CUDA that would mean bf16 here).
+    net.use_fp16 = False
+    return net
 
 #----------------------------------------------------------------------------
 # 2. Layer freezing, GDD-I (recipe D.1). A parameter is frozen iff its name contains one of block/up/down/in
@@ -181,7 +188,7 @@ class TeacherFeatures(nn.Module):
             enc[name].register_forward_hook(self._hook(i))
         R = teacher.img_resolution
         with torch.no_grad():
-            self.channels = [m.shape[1] for m in self(torch.zeros([1, teacher.img_channels, R, R]))]
+            self.channels = [m.shape[1] for m in self(torch.zeros([1, teacher.img_channels, R, R], device=next(self.net.parameters()).device))]
 
     def _hook(self, i):
         def hook(module, inputs, output):
@@ -333,7 +340,7 @@ def build_discriminator(feature_names, teacher, label_dim=0, width=1.0, cout=64,
         else:
             import backbones    # only needed for the ImageNet feature networks
             weights = (backbone_weights or {}).get(name, backbones.WEIGHT_URLS.get(name))
-            features[name] = backbones.build_backbone(name, weights=weights, seed=proj_seed)
+            features[name] = backbones.build_backbone(name, weights=weights, seed=proj_seed + 1000)  # own stream, not a projection's
             start_res[name] = [128, 64, 32, 16]
     return ProjectedDiscriminator(features, start_res, label_dim, cout, width, proj_seed)
 

@@ -92,7 +92,7 @@ def generate_images(net, seeds, batch=64, class_idx=None, steps=18, device='cpu'
 def load_net(source, device):
     """Generator or teacher from a path or URL, with one-line errors for files that are missing or unreadable."""
     if source == DEFAULT_NET and not os.path.exists(source):
-        raise SystemExit(f'error: {source} not found; create the toy generator first with `python train_min.py toy`')
+        raise SystemExit(f'error: {source} not found; create the toy generator first with `python train_min.py toy --export assets/toy-gdd.pt`')
     try:
         net = gdd.load_generator(source, device=device)
     except FileNotFoundError as e:

@@ -284,7 +284,8 @@ COMMON = dict(
     proj_seed=0,        # seed of D's frozen random projections (same on every rank)
     fd_images=0,        # > 0: at the end, 8x8 Frechet distances of this many images + compare.png (toy demo)
     seed=42,            # recipe C.4; data order and latents derive from it (identical for any number of GPUs)
-    batch_gpu=0,        # images per D call and rank; < batch / GPUs accumulates gradients (0 = batch / GPUs)
+    batch_gpu=0,        # images per D call and rank = D's BatchNorm batch (quirk I.6); < batch / GPUs accumulates
+                        # gradients. 0 = min(batch / GPUs, loss_batch): the official per-GPU batch on any GPU count
     state=10,           # ticks between training-state files for --resume (0: only at the end); the last 3 are kept
     resume='',          # training state to continue from: a file, a run folder, or 'auto' (newest in --outdir)
     bench=0,            # > 0: time this many iterations on random data and a random-weight teacher, then exit
@@ -312,7 +313,8 @@ HELP = dict(
         tick='kimg between progress lines', snap='ticks between snapshots (0 = at the end only)',
         workers='data-loading processes', outdir='parent folder of the run folders',
         export='also save the final network here', device="'auto', 'cpu', 'cuda', ...",
-        batch_gpu='images per D call and process; smaller than batch / processes accumulates gradients (0 = batch / processes)',
+        batch_gpu="images per D call and process (D's BatchNorm batch); smaller than batch / processes accumulates "
+                  'gradients (0 = min(batch / processes, loss batch), the official per-GPU batch)',
         state='ticks between training-state files (0 = at the end only); the last 3 are kept',
         resume="continue from a training state: file, run folder, or 'auto' (newest in --outdir, else start fresh)",
         bench='> 0: time this many iterations on random data with a random-weight teacher, print images/s and peak memory').items()})
@@ -562,7 +564,7 @@ STATE_FORMAT = 'gdd-min-training-state'
 STATE_RE = re.compile(r'^training-state-(\d+)\.pt$')
 STATE_KEEP = 3
 RESUME_MUST_MATCH = ('preset', 'arch', 'cres', 'freeze', 'features', 'dwidth', 'proj_seed', 'teacher_sigma', 'seed',
-                     'batch', 'loss_batch')
+                     'batch', 'loss_batch', 'lr', 'dlr')     # (the learning rates live in the saved optimizer states)
 
 
 def save_training_state(run_dir, step, tick, seen, cfg, G, G_ema, D, opt_G, opt_D, latent_gen):
@@ -663,7 +665,7 @@ def build_training(cfg, device, rank, world):
 
 
 def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None):
-    batch_gpu = cfg.batch_gpu or cfg.batch // world
+    batch_gpu = cfg.batch_gpu or min(cfg.batch // world, cfg.loss_batch)
     if cfg.batch % (world * batch_gpu):
         raise SystemExit(f'error: --batch {cfg.batch} is not a multiple of {world} processes x --batch-gpu {batch_gpu}')
     if cfg.bench and cfg.preset not in BENCH_GEOMETRY:

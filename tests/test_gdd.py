@@ -269,6 +269,7 @@ def test_load_generator_all_formats(tmp_path):
     release = gdd.GDDPrecond(**G.init_kwargs)
     release.load_state_dict(G.state_dict())
     release.init_kwargs = {k: v for k, v in G.init_kwargs.items() if k != 'eps'}
+    release.init_kwargs['use_fp16'] = release.use_fp16 = True    # as the release files are (trained with --fp16)
     model_kwargs = {k: v for k, v in G.init_kwargs.items() if k not in ('img_resolution', 'img_channels', 'label_dim',
                                                                        'use_fp16', 'sigma_data', 'eps', 'model_type')}
     release.model.init_kwargs = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, **model_kwargs)
@@ -276,6 +277,7 @@ def test_load_generator_all_formats(tmp_path):
                     tmp_path / 'd2o.pkl', class_name='D2OPrecond')
     loaded = gdd.load_generator(str(tmp_path / 'd2o.pkl'))
     assert isinstance(loaded, gdd.GDDPrecond) and loaded.eps == 0.002
+    assert not loaded.use_fp16                                       # sampled in fp32 (recipe A.4 / F.2)
     with torch.no_grad():
         torch.testing.assert_close(gdd.generate(loaded, z, c), expected)
 

@@ -234,15 +234,21 @@ def parse_seeds(text):
     return seeds
 
 
-def init_distributed():
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL on CUDA,
-    Gloo on CPU. Each rank then takes seeds[rank::world_size]."""
+def init_distributed(device='auto'):
+    """(rank, world_size, device), shared by fid_min, sample_min and train_min. Under torchrun (WORLD_SIZE > 1)
+    joins the process group: NCCL on CUDA, gloo on CPU. device: 'auto' (this rank's GPU if any, else the CPU),
+    'cpu', 'cuda' (this rank's GPU) or 'cuda:N'."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+    if device == 'auto':
+        device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+    else:
+        device = torch.device(device)
+        if device.type == 'cuda' and device.index is None:
+            device = torch.device('cuda', local_rank)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        if device.type == 'cuda':
-            torch.cuda.set_device(device)
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     return rank, world, device

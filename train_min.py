@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import edm_nets
 import fid_min
 import gdd
+from fid_min import init_distributed
 
 #----------------------------------------------------------------------------
 # Dataset: EDM's format (edm-formats.md (b)), a zip or a folder of PNGs plus an optional dataset.json
@@ -305,19 +306,18 @@ HELP = dict(
     features="D's feature networks: 'teacher' or ImageNet backbone names, comma separated",
     loss_batch='reduction batch: losses are sums over this many images (recipe B.6)',
     fp16="generator U-Net in bfloat16 on CUDA (recipe A.4)",
-    **{k: re.sub(r'\s+', ' ', v) for k, v in dict(
-        data="dataset zip/folder (EDM format); '' = draw the toy dataset", xflip='add x-flipped copies of the data',
-        dwidth='discriminator width multiplier (CCM channels 64*dwidth, mini-D channels)',
-        teacher_sigma="noise level of the 'teacher' feature network", proj_seed="seed of D's frozen random projections",
-        fd_images='> 0: 8x8 Frechet distances on this many images + compare.png at the end', seed='random seed',
-        tick='kimg between progress lines', snap='ticks between snapshots (0 = at the end only)',
-        workers='data-loading processes', outdir='parent folder of the run folders',
-        export='also save the final network here', device="'auto', 'cpu', 'cuda', ...",
-        batch_gpu="images per D call and process (D's BatchNorm batch); smaller than batch / processes accumulates "
-                  'gradients (0 = min(batch / processes, loss batch), the official per-GPU batch)',
-        state='ticks between training-state files (0 = at the end only); the last 3 are kept',
-        resume="continue from a training state: file, run folder, or 'auto' (newest in --outdir, else start fresh)",
-        bench='> 0: time this many iterations on random data with a random-weight teacher, print images/s and peak memory').items()})
+    data="dataset zip/folder (EDM format); '' = draw the toy dataset", xflip='add x-flipped copies of the data',
+    dwidth='discriminator width multiplier (CCM channels 64*dwidth, mini-D channels)',
+    teacher_sigma="noise level of the 'teacher' feature network", proj_seed="seed of D's frozen random projections",
+    fd_images='> 0: 8x8 Frechet distances on this many images + compare.png at the end', seed='random seed',
+    tick='kimg between progress lines', snap='ticks between snapshots (0 = at the end only)',
+    workers='data-loading processes', outdir='parent folder of the run folders',
+    export='also save the final network here', device="'auto', 'cpu', 'cuda', ...",
+    batch_gpu="images per D call and process (D's BatchNorm batch); smaller than batch / processes accumulates "
+              'gradients (0 = min(batch / processes, loss batch), the official per-GPU batch)',
+    state='ticks between training-state files (0 = at the end only); the last 3 are kept',
+    resume="continue from a training state: file, run folder, or 'auto' (newest in --outdir, else start fresh)",
+    bench='> 0: time this many iterations on random data with a random-weight teacher, print images/s and peak memory')
 
 TEACHER_LR_RAMPUP_KIMG = 10     # toy teacher: linear lr warm-up (EDM uses 10 Mimg at batch 512)
 
@@ -513,21 +513,6 @@ def load_teacher(cfg, device):
 # no_sync would send, without the overlap with backward). Frozen parameters (GDD-I's 85%, the feature networks,
 # the random projections) are never in it. Every rank builds identical networks from --seed and keeps them
 # identical: same initial weights, same summed gradients, same optimizer arithmetic.
-
-def init_distributed(device_opt):
-    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (('WORLD_SIZE', 1), ('RANK', 0), ('LOCAL_RANK', 0)))
-    if device_opt == 'auto':
-        device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
-    else:
-        device = torch.device(device_opt)
-        if device.type == 'cuda' and device.index is None:
-            device = torch.device('cuda', local_rank)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    if world > 1:
-        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return rank, world, device
-
 
 def sum_grads_over_ranks(params):
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

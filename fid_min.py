@@ -272,11 +272,15 @@ def main(argv=None):
         q.add_argument('--detector', default=DETECTOR_URL, help='Inception-v3 TorchScript file or pickle, path or URL (default: %(default)s)')
         q.add_argument('--batch', type=int, default=64, help='images per batch and rank (default: %(default)s)')
     args = p.parse_args(argv)
-    if args.batch < 1 or (args.cmd == 'calc' and args.num < 2):
-        p.error('--batch must be >= 1 and --num >= 2')
+    import sample_min       # lazy until sample_min stops importing this module (issue 10's one-way import order)
 
     rank, world, device = init_distributed()
     try:
+        sample_min.check_sampling_options(args.batch, getattr(args, 'steps', 18))   # bad options fail before any work
+        if args.cmd == 'calc' and args.num < 2:
+            raise ValueError(f'--num must be >= 2 (a covariance needs two images), got {args.num}')
+        if args.cmd == 'ref':
+            sample_min.check_output(args.dest, '--dest')
         if args.cmd == 'calc':
             mu_ref, sigma_ref = load_ref(args.ref)                  # fail on a bad reference before any work
         detector = load_detector(args.detector, device)
@@ -290,7 +294,6 @@ def main(argv=None):
             stats = compute_stats(image_batches(args.images, args.num, args.batch, rank, world, device),
                                   detector, device, args.num, rank)
         else:
-            import sample_min                                       # lazy: needs gdd.py and edm_nets.py
             seeds = args.seeds or list(range(args.num))
             net = sample_min.load_net(args.net, device)
             batches = (images for _, images in sample_min.generate_images(
@@ -303,9 +306,8 @@ def main(argv=None):
             fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
             print(f'FID {fid:.4f} ({stats.n} images)')
             return fid
-    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as e:
-        msg = str(e.args[-1] if isinstance(e, FileNotFoundError) and e.args else e).strip().splitlines()
-        raise SystemExit(f'error: {msg[0] if msg else type(e).__name__}') from None
+    except sample_min.EXPECTED_ERRORS as e:           # sample_min.cli_errors(), as the except clause of this try
+        raise SystemExit(f'error: {sample_min.error_line(e)}') from None
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

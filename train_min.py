@@ -713,7 +713,10 @@ def verify_training_state(path):
 
 def read_training_state(path):
     """The state in `path` as plain data, or ValueError('<path>: <problem>'). Every state is read here."""
-    note = verify_training_state(path)
+    try:
+        note = verify_training_state(path)
+    except OSError as e:        # unreadable (a folder of that name, no permission, ...)
+        raise ValueError(f'{path}: {sample_min.error_line(e)}') from None
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:      # a damaged file can fail anywhere inside torch.load
@@ -735,6 +738,10 @@ def check_training_state(state, path):
             raise ValueError(f'{path}: {k} must be an integer >= 0, got {type(state[k]).__name__}')
     if not isinstance(state['config'], dict):
         raise ValueError(f'{path}: config must be a dict, got {type(state["config"]).__name__}')
+    plain = lambda v: v is None or type(v) in (str, int, float, bool) or type(v) is list and all(type(x) is str for x in v)
+    odd = [k for k in RESUME_MUST_MATCH if not plain(state['config'].get(k))]
+    if odd:
+        raise ValueError(f'{path}: config values of {", ".join(odd)} are not plain values')
     for k in ('G', 'G_ema', 'D'):
         if not isinstance(state[k], dict) or not all(isinstance(n, str) and isinstance(t, torch.Tensor) for n, t in state[k].items()):
             raise ValueError(f'{path}: {k} must be a state dict (names -> tensors)')
@@ -913,9 +920,9 @@ def resume_run_dir(path, state, cfg, world=1):
     if refused:
         hint = '' if set(refused) & set(RESUME_FIXED) else f'; to continue anyway with the new values: --resume-override {",".join(refused)}'
         raise SystemExit(f'error: {path} was written with ' +
-                         ', '.join(f'{k}={old[k]!r} (now {now[k]!r})' for k in refused) + hint)
+                         ', '.join(f'{k}={old[k]!r:.200} (now {now[k]!r:.200})' for k in refused) + hint)
     for k in changed:
-        print(f'note: --resume-override {k}: {old[k]!r} -> {now[k]!r} from iteration {state["step"]} on')
+        print(f'note: --resume-override {k}: {old[k]!r:.200} -> {now[k]!r:.200} from iteration {state["step"]} on')
     run_dir = os.path.dirname(os.path.abspath(path))
     stats_path = os.path.join(run_dir, 'stats.jsonl')
     if os.path.isfile(stats_path):
@@ -970,7 +977,7 @@ def build_training(cfg, device, rank, world):
 
 def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None):
     batch_gpu = effective_batch_gpu(cfg, world)
-    if cfg.batch % (world * batch_gpu):
+    if batch_gpu < 1 or cfg.batch % (world * batch_gpu):
         raise SystemExit(f'error: --batch {cfg.batch} is not a multiple of {world} processes x --batch-gpu {batch_gpu}')
     if cfg.bench and cfg.preset not in BENCH_GEOMETRY:
         raise SystemExit(f'error: --bench needs one of the presets {", ".join(BENCH_GEOMETRY)}')

@@ -165,6 +165,7 @@ def test_malformed_states_are_one_line_errors(run, tmp_path):
              (lambda s: s['G'].pop(g_name), f'G: missing {g_name}'),
              (lambda s: s['G'].update({g_name: torch.full_like(s['G'][g_name], float('nan'))}), 'NaN or inf'),
              (lambda s: s['opt_G']['state'][p0].update(exp_avg=torch.zeros(3)), f'opt_G: exp_avg of parameter {p0} is'),
+             (lambda s: s.update(config={**s['config'], 'lr': torch.zeros(3)}), 'lr are not plain values'),
              (lambda s: s.update(format='something else'), 'not a gdd-min training state')]
     for i, (edit, text) in enumerate(cases):
         folder = tmp_path / f'r{i}' / '00000-toy'
@@ -323,8 +324,7 @@ def _raise_in_cli(error):
 def test_clis_print_one_error_line_and_no_traceback(tmp_path):
     (tmp_path / 'folder').mkdir()
     env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES='')
-    for argv in (['train_min.py', 'toy', '--batch', '0'], ['train_min.py', 'toy', '--export', str(tmp_path / 'folder')],
-                 ['sample_min.py', '--grid', str(tmp_path / 'folder')],
+    for argv in (['train_min.py', 'toy', '--export', str(tmp_path / 'folder')], ['sample_min.py', '--grid', str(tmp_path / 'folder')],
                  ['fid_min.py', 'ref', '--data', 'd', '--dest', str(tmp_path / 'folder')]):
         r = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)

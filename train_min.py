@@ -662,6 +662,9 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None):
     latent_gen = torch.Generator(device).manual_seed(cfg.seed)  # identical on every rank: each takes its rows
     step, tick, seen = 0, 0, 0
     if state is not None:
+        if any('.parametrizations.' in k for k in state['D']):     # heads before gdd.SNConv2d (issue 12)
+            raise SystemExit('error: this training state comes from an older gdd-min whose discriminator heads used '
+                             'torch.nn.utils.parametrizations.spectral_norm; it cannot be resumed: start a new run')
         G.load_state_dict(state['G'])
         G_ema.load_state_dict(state['G_ema'])
         D.heads.load_state_dict(state['D'])

@@ -988,6 +988,9 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
     latent_gen = torch.Generator(device).manual_seed(cfg.seed)  # identical on every rank: each takes its rows
     step, tick, seen = 0, 0, 0
     if state is not None:
+        if any('.parametrizations.' in k for k in state['D']):     # heads before gdd.SNConv2d (issue 12)
+            raise SystemExit('error: this training state comes from an older gdd-min whose discriminator heads used '
+                             'torch.nn.utils.parametrizations.spectral_norm; it cannot be resumed: start a new run')
         step, tick, seen = load_training_state(state, state_path, G, G_ema, D, opt_G, opt_D, latent_gen)
         print(f'Resumed at iteration {step}, {seen / 1000:.3f} kimg')
         del state

@@ -2,8 +2,8 @@
 from the raw downloads (EDM's dataset_tool.py: the same images, pixel for pixel, names and dataset.json labels).
 
     python dataset_min.py --source cifar-10-python.tar.gz --dest cifar10-32x32.zip
-    python dataset_min.py --source ffhq-images1024x1024/ --dest ffhq-64x64.zip --resolution 64x64
-    python dataset_min.py --source afhq_v2/ --dest afhqv2-64x64.zip --resolution 64x64
+    python dataset_min.py --source images1024x1024/ --dest ffhq-64x64.zip --resolution 64x64
+    python dataset_min.py --source afhq-v2/ --dest afhqv2-64x64.zip --resolution 64x64
     python dataset_min.py --source imagenet/train/ --dest imagenet-64x64.zip --resolution 64x64 --transform center-crop
 
 A dataset is a zip archive (or a folder) of PNGs named 00000/img00000000.png, ... plus a dataset.json
@@ -462,7 +462,7 @@ def make_transform(transform, width, height):
 
 # Modes EDM's dataset_tool would hand to PIL as if they were RGB (CMYK/RGBA: the 4 bytes of a pixel are
 # reinterpreted, a scrambled image) or as grayscale (P: palette indices). With the center-crop transforms,
-# whose output is RGB anyway, we convert them to RGB with pillow instead (ImageNet's train set has 22 CMYK
+# whose output is RGB anyway, we convert them to RGB with pillow instead (ImageNet's train set has a few CMYK
 # JPEGs; those images differ from EDM's zip). Without a transform they stay an error, as in EDM.
 CONVERTIBLE_MODES = ('1', 'P', 'PA', 'LA', 'RGBA', 'RGBX', 'CMYK', 'YCbCr')
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import edm_nets
+
 BACKBONES = ('vgg16_bn', 'tf_efficientnet_lite0', 'deit_base_distilled_patch16_224')
 
 # The files the official code loads (torchvision IMAGENET1K_V1; the timm 0.5.4 sources, recipe E.2).
@@ -398,8 +400,7 @@ def _resolve(name, source):
     hint = f'download {WEIGHT_URLS[name]} and pass its local path'
     if str(source).startswith(('http://', 'https://')):
         try:
-            from edm_nets import open_url   # lazy: URL download + cache shared with load_network
-            return open_url(source)
+            return edm_nets.open_url(source)   # URL download + cache shared with load_network
         except OSError as e:
             msg = (str(e).splitlines() or [''])[0]
             if source not in msg:

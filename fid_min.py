@@ -25,15 +25,16 @@ network's forward pass is; only the pickle layer is reduced to plain data.
 import argparse
 import io
 import os
-import pickle
-import re
 import zipfile
 
 import numpy as np
 import scipy.linalg
 import torch
 
+import dataset_min
 import edm_nets
+import sample_min
+from sample_min import init_distributed, parse_seeds
 
 #----------------------------------------------------------------------------
 # Feature statistics (edm-formats.md (c)): mu = sum(f) / N,
@@ -173,8 +174,7 @@ def image_batches(source, num=None, batch=64, rank=0, world=1, device='cpu'):
         array = _load_npz_images(source)
         count, read = len(array), (lambda i: array[i])
     else:
-        from train_min import ImageDataset                      # lazy: train_min imports this module
-        dataset = ImageDataset(source, use_labels=False)
+        dataset = dataset_min.ImageDataset(source, use_labels=False)
         count, read = len(dataset), (lambda i: dataset[i][0])
     if num is not None and count < num:
         raise ValueError(f'{source} has {count} images, expected at least {num}')
@@ -220,40 +220,6 @@ def save_ref(path, mu, sigma):
         np.savez(f, mu=mu, sigma=sigma)
     os.replace(tmp, path)
 
-#----------------------------------------------------------------------------
-# Command line helpers, shared with sample_min.py.
-
-def parse_seeds(text):
-    """'0-49999' / '0,5,10-12' -> list of ints (ranges inclusive)."""
-    seeds = []
-    for part in str(text).split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise argparse.ArgumentTypeError(f'bad seed list {text!r}: use e.g. 0-49999 or 0,5,10-12')
-        seeds.extend(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
-    return seeds
-
-
-def init_distributed(device='auto'):
-    """(rank, world_size, device), shared by fid_min, sample_min and train_min. Under torchrun (WORLD_SIZE > 1)
-    joins the process group: NCCL on CUDA, gloo on CPU. device: 'auto' (this rank's GPU if any, else the CPU),
-    'cpu', 'cuda' (this rank's GPU) or 'cuda:N'."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    if device == 'auto':
-        device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
-    else:
-        device = torch.device(device)
-        if device.type == 'cuda' and device.index is None:
-            device = torch.device('cuda', local_rank)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return rank, world, device
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -272,7 +238,6 @@ def main(argv=None):
         q.add_argument('--detector', default=DETECTOR_URL, help='Inception-v3 TorchScript file or pickle, path or URL (default: %(default)s)')
         q.add_argument('--batch', type=int, default=64, help='images per batch and rank (default: %(default)s)')
     args = p.parse_args(argv)
-    import sample_min       # lazy until sample_min stops importing this module (issue 10's one-way import order)
 
     rank, world, device = init_distributed()
     try:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import backbones
 import edm_nets
 
 #----------------------------------------------------------------------------
@@ -378,7 +379,6 @@ def build_discriminator(feature_names, teacher, label_dim=0, width=1.0, cout=64,
             R = teacher.img_resolution
             start_res[name] = [2 * R >> i for i in range(len(features[name].channels))]
         else:
-            import backbones    # only needed for the ImageNet feature networks
             weights = (backbone_weights or {}).get(name, backbones.WEIGHT_URLS.get(name))
             features[name] = backbones.build_backbone(name, weights=weights, seed=proj_seed + 1000)  # own stream, not a projection's
             start_res[name] = [128, 64, 32, 16]

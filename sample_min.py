@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import pickle
+import re
 import time
 import zipfile
 
@@ -23,11 +24,43 @@ import torch
 
 import edm_nets
 import gdd
-from fid_min import init_distributed, parse_seeds
 
 # The toy generator that `python train_min.py toy --export assets/toy-gdd.pt` made, shipped with the repository
 # (found next to this file, whatever the working directory).
 DEFAULT_NET = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'toy-gdd.pt')
+
+#----------------------------------------------------------------------------
+# Command line helpers, shared with fid_min.py and train_min.py.
+
+def parse_seeds(text):
+    """'0-49999' / '0,5,10-12' -> list of ints (ranges inclusive)."""
+    seeds = []
+    for part in str(text).split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise argparse.ArgumentTypeError(f'bad seed list {text!r}: use e.g. 0-49999 or 0,5,10-12')
+        seeds.extend(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    return seeds
+
+
+def init_distributed(device='auto'):
+    """(rank, world_size, device), shared by fid_min, sample_min and train_min. Under torchrun (WORLD_SIZE > 1)
+    joins the process group: NCCL on CUDA, gloo on CPU. device: 'auto' (this rank's GPU if any, else the CPU),
+    'cpu', 'cuda' (this rank's GPU) or 'cuda:N'."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if device == 'auto':
+        device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+    else:
+        device = torch.device(device)
+        if device.type == 'cuda' and device.index is None:
+            device = torch.device('cuda', local_rank)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return rank, world, device
 
 #----------------------------------------------------------------------------
 # Per-image randomness exactly as EDM's generate.py (edm-formats.md (d)): one torch.Generator per seed,

@@ -15,7 +15,7 @@ import gdd  # noqa: E402
 import sample_min  # noqa: E402
 from edm_pickle import dump_edm_pickle  # noqa: E402
 from test_fid import StandInDetector  # noqa: E402
-from train_min import save_dataset  # noqa: E402
+from dataset_min import save_dataset  # noqa: E402
 
 TINY = dict(img_resolution=8, img_channels=3, label_dim=4, model_type='SongUNet', model_channels=16, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[4], dropout=0, embedding_type='fourier', channel_mult_noise=2,

@@ -32,14 +32,19 @@ DEFAULT_NET = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets',
 #----------------------------------------------------------------------------
 # Command line helpers, shared with fid_min.py and train_min.py.
 
+MAX_SEEDS = 10_000_000     # one list of seeds (EDM's evaluations use 50,000; 10M ints are ~0.4 GB)
+
 def parse_seeds(text):
-    """'0-49999' / '0,5,10-12' -> list of ints (ranges inclusive)."""
+    """'0-49999' / '0,5,10-12' -> list of ints (ranges inclusive), at most MAX_SEEDS of them."""
     seeds = []
     for part in str(text).split(','):
         m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
         if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
             raise argparse.ArgumentTypeError(f'bad seed list {text!r}: use e.g. 0-49999 or 0,5,10-12')
-        seeds.extend(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+            raise argparse.ArgumentTypeError(f'seed list {text!r} has more than {MAX_SEEDS:,} seeds')
+        seeds.extend(range(lo, hi + 1))
     return seeds
 
 

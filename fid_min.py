@@ -17,6 +17,8 @@ Detector files (--detector, path or URL, cached like edm_nets.load_network):
   never run) and torch.jit.load the TorchScript archive stored inside it. Both files are published as the same
   translation of the same TensorFlow graph; their features were not compared here (no network access).
 - any TorchScript module with the same call signature (tests use a small stand-in).
+- a gdd-min toy classifier (assets/toy-classifier.pt, format 'gdd-min-toy-classifier'): plain weights read with
+  torch.load(weights_only=True) into ToyClassifier below, so no code from the file runs (the toy FID).
 Trade-off, stated plainly: torch.jit.load runs the module's TorchScript graph (restricted to TorchScript's
 operator set, no arbitrary Python, no imports), so a TorchScript detector is trusted code in the way a
 network's forward pass is; only the pickle layer is reduced to plain data.
@@ -126,6 +128,8 @@ def load_detector(source=DETECTOR_URL, device='cpu'):
     path = edm_nets.open_url(source)
     with open(path, 'rb') as fh:
         is_zip = fh.read(4) == b'PK\x03\x04'     # not zipfile.is_zipfile: a pickle holding an archive passes that
+    if is_zip and not _is_torchscript(path):      # a torch.save archive of plain weights (toy detector section)
+        return load_toy_classifier(path, device)
     if is_zip:
         archive = path
     else:
@@ -219,6 +223,78 @@ def save_ref(path, mu, sigma):
     with open(tmp, 'wb') as f:
         np.savez(f, mu=mu, sigma=sigma)
     os.replace(tmp, path)
+
+#----------------------------------------------------------------------------
+# Toy detector: the toy demo's Inception. A small CNN classifier of the 10 toy classes of shapes, trained by
+# `python train_min.py toy-classifier` (assets/toy-classifier.pt). Its penultimate features (the global average
+# of the last convolution map) at the full 32x32 resolution give the "toy FID", with the statistics and the
+# Frechet distance above; its argmax gives the class accuracy of conditional samples. Unlike a distance of
+# images pooled to 8x8 it sees texture: a classifier that never saw speckle or blur responds to both (the test
+# checks it). The file is plain weights (torch.save of a dict, read with weights_only=True), the network is
+# this class: nothing from the file is executed.
+
+TOY_CLASSIFIER_FORMAT = 'gdd-min-toy-classifier'
+
+class ToyClassifier(torch.nn.Module):
+    """forward(uint8 [N, C, R, R]) -> logits [N, num_classes]; return_features=True -> float features
+    [N, channels[-1]], the call of the Inception detector. Per level: 2 x (3x3 conv, BatchNorm, ReLU), a 2x2
+    average pool between levels, then the global average (the features) and one linear layer (the logits)."""
+    def __init__(self, img_resolution=32, img_channels=3, num_classes=10,
+                 channels=(16, 32, 64)):      # widths of the levels at R, R/2, R/4, ...
+        super().__init__()
+        self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, num_classes=num_classes,
+                                channels=list(channels))
+        layers, c = [], img_channels
+        for i, w in enumerate(channels):
+            layers += [torch.nn.AvgPool2d(2)] if i else []
+            for _ in range(2):
+                layers += [torch.nn.Conv2d(c, w, 3, padding=1), torch.nn.BatchNorm2d(w), torch.nn.ReLU()]
+                c = w
+        self.main = torch.nn.Sequential(*layers)
+        self.fc = torch.nn.Linear(c, num_classes)
+
+    def forward(self, images, return_features=False):
+        R, C = self.init_kwargs['img_resolution'], self.init_kwargs['img_channels']
+        if images.ndim != 4 or tuple(images.shape[1:]) != (C, R, R):
+            raise ValueError(f'the toy classifier takes [N, {C}, {R}, {R}] images, got {list(images.shape)}')
+        features = self.main(images.to(torch.float32) / 127.5 - 1).mean(dim=[2, 3])    # uint8 range -> [-1, 1]
+        return features if return_features else self.fc(features)
+
+
+def _is_torchscript(path):
+    # Both torch.jit.save and torch.save write zip archives; only TorchScript's holds constants.pkl (and code/).
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith('/constants.pkl') for n in z.namelist())
+    except zipfile.BadZipFile:
+        return True         # let torch.jit.load report it
+
+
+def load_toy_classifier(path, device='cpu'):
+    """A ToyClassifier in eval mode from a gdd-min toy-classifier file. The architecture is checked against the
+    stored weights on the meta device (no memory) before anything is allocated."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # weights_only refusals are pickle errors, corrupt archives RuntimeErrors
+        raise ValueError(f'{path}: not a readable torch file ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})') from None
+    if not isinstance(ckpt, dict) or ckpt.get('format') != TOY_CLASSIFIER_FORMAT:
+        raise ValueError(f'{path}: a torch archive, but not a {TOY_CLASSIFIER_FORMAT} file (nor a TorchScript detector)')
+    kwargs, state = ckpt.get('init_kwargs'), ckpt.get('state_dict')
+    ok = (isinstance(kwargs, dict) and set(kwargs) == {'img_resolution', 'img_channels', 'num_classes', 'channels'}
+          and all(isinstance(kwargs[k], int) and 1 <= kwargs[k] <= 4096 for k in ('img_resolution', 'img_channels', 'num_classes'))
+          and isinstance(kwargs['channels'], (list, tuple)) and 1 <= len(kwargs['channels']) <= 8
+          and all(isinstance(w, int) and 1 <= w <= 4096 for w in kwargs['channels']) and isinstance(state, dict))
+    if not ok:
+        raise ValueError(f'{path}: bad init_kwargs or state_dict in the toy classifier file')
+    with torch.device('meta'):
+        want = {k: (v.shape, v.dtype) for k, v in ToyClassifier(**kwargs).state_dict().items()}
+    have = {k: (v.shape, v.dtype) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    if have != want:
+        bad = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
+        raise ValueError(f'{path}: toy classifier weights do not match its init_kwargs ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})')
+    net = ToyClassifier(**kwargs)
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False).to(device)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -3,6 +3,7 @@
     python train_min.py toy                          # offline demo on a CPU: toy data + the shipped toy teacher
     python train_min.py cifar10 --data cifar10-32x32.zip          # GDD-I; add --freeze 0 for GDD
     python train_min.py toy-teacher                  # re-make assets/toy-teacher.pt with EDM's training loss
+    python train_min.py toy-classifier               # re-make assets/toy-classifier.pt, the toy FID's detector
     python train_min.py PRESET --help                # every value of the preset, each overridable
     torchrun --nproc_per_node=8 train_min.py cifar10 --data cifar10-32x32.zip --resume auto   # 8 GPUs, resumable
     python train_min.py cifar10 --bench 20 --batch-gpu 64                   # speed + memory, no data or download
@@ -137,10 +138,17 @@ PRESETS = {
     # The offline demo: toy data, the shipped toy teacher, the teacher's own encoder as D's feature network.
     'toy':          dict(teacher=os.path.join(ASSETS, 'toy-teacher.pt'), arch='toy', cres='1,2,2',
                          batch=32, lr=2e-4, dlr=2e-4, ema=0.5, kimg=16, r1_gamma=1e-4, freeze=1, features='teacher',
-                         loss_batch=32, fp16=False, dwidth=0.25, tick=4, snap=0, state=0, workers=0, fd_images=1000),
+                         loss_batch=32, fp16=False, dwidth=0.25, tick=4, snap=0, state=0, workers=0, fd_images=1000,
+                         classifier=os.path.join(ASSETS, 'toy-classifier.pt')),
     # Makes assets/toy-teacher.pt: EDM's training loss on the toy data.
     'toy-teacher':  dict(arch='toy', cres='1,2,2', batch=64, lr=1e-3, ema=0.02, kimg=150, tick=5, snap=0, workers=0,
                          export=os.path.join(ASSETS, 'toy-teacher.pt')),
+    # Makes assets/toy-classifier.pt: the toy demo's detector (fid_min.ToyClassifier), cross-entropy, cosine lr.
+    'toy-classifier': dict(batch=128, lr=2e-3, kimg=40, tick=8, export=os.path.join(ASSETS, 'toy-classifier.pt')),
+}
+OWN_OPTIONS = {     # the few COMMON options of the presets that are not GDD runs
+    'toy-teacher': ('data', 'xflip', 'seed', 'tick', 'snap', 'workers', 'outdir', 'export', 'device'),
+    'toy-classifier': ('seed', 'tick', 'outdir', 'export', 'device'),
 }
 
 COMMON = dict(
@@ -149,7 +157,8 @@ COMMON = dict(
     dwidth=1.0,         # discriminator width: CCM channels 64*dwidth, mini-D channel table (recipe E.7) * dwidth
     teacher_sigma=gdd.TEACHER_FEATURE_SIGMA,    # noise level of the 'teacher' feature network
     proj_seed=0,        # seed of D's frozen random projections (same on every rank)
-    fd_images=0,        # > 0: at the end, 8x8 Frechet distances of this many images + compare.png (toy demo)
+    fd_images=0,        # > 0: at the end, toy FID / class accuracy / 8x8 distance of this many images + compare.png
+    classifier='',      # detector of the toy FID and the class accuracy (fid_min.load_detector); '' = 8x8 only
     seed=42,            # recipe C.4; data order and latents derive from it (identical for any number of GPUs)
     batch_gpu=0,        # images per D call and rank = D's BatchNorm batch (quirk I.6); < batch / GPUs accumulates
                         # gradients. 0 = min(batch / GPUs, loss_batch): the official per-GPU batch on any GPU count
@@ -176,7 +185,9 @@ HELP = dict(
     data="dataset zip/folder (EDM format); '' = draw the toy dataset", xflip='add x-flipped copies of the data',
     dwidth='discriminator width multiplier (CCM channels 64*dwidth, mini-D channels)',
     teacher_sigma="noise level of the 'teacher' feature network", proj_seed="seed of D's frozen random projections",
-    fd_images='> 0: 8x8 Frechet distances on this many images + compare.png at the end', seed='random seed',
+    fd_images='> 0: toy FID, class accuracy and 8x8 Frechet distance of this many images + compare.png at the end',
+    classifier="detector of the toy FID and class accuracy, e.g. assets/toy-classifier.pt ('' = 8x8 distance only)",
+    seed='random seed',
     tick='kimg between progress lines', snap='ticks between snapshots (0 = at the end only)',
     workers='data-loading processes', outdir='parent folder of the run folders',
     export='also save the final network here', device="'auto', 'cpu', 'cuda', ...",
@@ -200,8 +211,7 @@ def parse_args(argv=None):
     preset = argv[0]
     if preset not in PRESETS:
         raise SystemExit(f'error: unknown preset {preset!r}; choose from {", ".join(PRESETS)}')
-    keys = [k for k in COMMON if preset == 'toy-teacher' and k in ('data', 'xflip', 'seed', 'tick', 'snap', 'workers',
-                                                                   'outdir', 'export', 'device') or preset != 'toy-teacher']
+    keys = [k for k in COMMON if preset not in OWN_OPTIONS or k in OWN_OPTIONS[preset]]
     values = {**{k: COMMON[k] for k in keys}, **PRESETS[preset]}
     parser = argparse.ArgumentParser(prog=f'train_min.py {preset}', description=f'Preset {preset!r}; every value can be overridden.',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -240,7 +250,7 @@ def check_options(cfg):
     for k in ('seed', 'proj_seed'):
         need(not has(k) or 0 <= getattr(cfg, k) < 2**32, f'{flag(k)} must be in 0..2^32-1, got {getattr(cfg, k, 0)}')
     need(not has('freeze') or cfg.freeze in gdd.FREEZE_LEVELS, f'--freeze must be one of {sorted(gdd.FREEZE_LEVELS)}, got {getattr(cfg, "freeze", 0)}')
-    need(re.fullmatch(r'[1-9]\d*(,[1-9]\d*)*', cfg.cres), f'--cres must be comma-separated integers >= 1, got {cfg.cres!r}')
+    need(not has('cres') or re.fullmatch(r'[1-9]\d*(,[1-9]\d*)*', cfg.cres), f'--cres must be comma-separated integers >= 1, got {getattr(cfg, "cres", "")!r}')
     if has('features'):
         names = cfg.features.split(',')
         known = ('teacher',) + backbones.BACKBONES
@@ -265,7 +275,8 @@ def check_options(cfg):
         need(device.type != 'cuda' or torch.cuda.is_available(), 'CUDA is not available; use --device cpu')
         need(device.type != 'cuda' or device.index is None or device.index < torch.cuda.device_count(),
              f'--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)')
-    cfg.data = local(cfg.data) if cfg.data else ''
+    if has('data'):
+        cfg.data = local(cfg.data) if cfg.data else ''
     if has('teacher'):
         cfg.teacher = local(cfg.teacher)
 
@@ -410,6 +421,52 @@ def train_teacher(cfg, run_dir, device):
                   f'time {time.time() - start:6.0f}s', flush=True)
             tick_seen, tick_time = seen, time.time()
     save_snapshot(ema, cfg, os.path.join(run_dir, f'network-snapshot-{seen // 1000:06d}.pt'))
+
+#----------------------------------------------------------------------------
+# The toy classifier (fid_min.ToyClassifier, the toy FID's detector): cross-entropy on the toy training set with
+# light augmentation (random x/y flips and shifts of up to 2 pixels, all of which keep the class), Adam with a
+# cosine learning-rate decay. Never shown noise or blur, so its features react to both.
+
+def train_classifier(cfg, run_dir, device, shift=2):
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    print(f'Drawing the toy data ({TOY_IMAGES} training images, 1000 test images of the second draw)')
+    images, labels = (torch.from_numpy(a) for a in draw_toy_images(TOY_IMAGES, TOY_SEED))
+    test_images, test_labels = (torch.from_numpy(a) for a in draw_toy_images(1000, TOY_SEED + 1))
+    net = fid_min.ToyClassifier(img_resolution=images.shape[2], img_channels=images.shape[1]).to(device).train()
+    print(f'Classifier: ToyClassifier{tuple(net.init_kwargs.values())}, {sum(p.numel() for p in net.parameters()):,} parameters')
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    accuracy = lambda: (net.eval()(test_images.to(device)).argmax(1).cpu() == test_labels).float().mean().item()
+    n, R = cfg.batch, images.shape[2]
+    steps, start = math.ceil(cfg.kimg * 1000 / n), time.time()
+    ar = torch.arange(R)
+    for step in range(steps):
+        idx = torch.randint(len(images), [n], generator=g)
+        x = images[idx].to(torch.float32)
+        flip = torch.rand([2, n, 1, 1, 1], generator=g) < 0.5
+        x = torch.where(flip[0], x.flip(3), x)
+        x = torch.where(flip[1], x.flip(2), x)
+        dy, dx = torch.randint(2 * shift + 1, [2, n, 1, 1], generator=g)   # shift: crop of the edge-padded image
+        x = F.pad(x, [shift] * 4, mode='replicate')[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[:, None, None],
+                                                    (dy + ar[:, None])[:, None], (dx + ar[None, :])[:, None]]
+        for group in opt.param_groups:
+            group['lr'] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = F.cross_entropy(net.train()(x.to(device)), labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen = (step + 1) * n
+        if seen // round(cfg.tick * 1000) != step * n // round(cfg.tick * 1000) or step == steps - 1:
+            with torch.no_grad():
+                acc = accuracy()
+            print(f'kimg {seen / 1000:8.1f}  loss {loss.item():.4f}  test accuracy {100 * acc:5.1f}%  '
+                  f'time {time.time() - start:6.0f}s', flush=True)
+    ckpt = {'format': fid_min.TOY_CLASSIFIER_FORMAT, 'init_kwargs': copy.deepcopy(net.init_kwargs),
+            'state_dict': {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, 'config': vars(cfg)}
+    for path in [os.path.join(run_dir, 'toy-classifier.pt')] + ([cfg.export] if cfg.export else []):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        edm_nets.atomic_save(ckpt, path)
+        print(f'Saved {path}')
 
 #----------------------------------------------------------------------------
 # GDD training (gdd.py does the method; this is the loop around it).
@@ -962,9 +1019,13 @@ def bench(cfg, iteration, G, device, world, num_chunks, batch_gpu):
     return result
 
 #----------------------------------------------------------------------------
-# Small-scale evaluation (the toy demo): Frechet distances of images downsampled to 8x8 (a 192-dimensional
-# space the discriminator never sees), for the same seeds: teacher 1 step = D(80 z; 80), teacher Heun 18 steps
-# (35 evaluations, EDM sampler), GDD 1 step; the floor compares an independent second draw of the data.
+# Small-scale evaluation (the toy demo), the same seeds and classes for every sampler: teacher 1 step =
+# D(80 z; 80, c), teacher Heun 18 steps (35 evaluations, EDM sampler), GDD 1 step, and as the floor an
+# independent second draw of the data. Three metrics, each against the training images:
+#   toy_fid   Frechet distance of the toy classifier's penultimate features (fid_min.ToyClassifier, full 32x32:
+#             FID with a toy detector in Inception's place; it sees texture, speckle and blur)
+#   accuracy  the classifier's argmax vs the class the sample was asked for (the floor: vs the true class)
+#   fd_8x8    Frechet distance of the images average-pooled to 8x8 (192 numbers: coarse layout, blind to texture)
 
 def pixels8(images_uint8):
     x = images_uint8.to(torch.float32) / 127.5 - 1
@@ -972,14 +1033,51 @@ def pixels8(images_uint8):
 
 
 @torch.no_grad()
+def _detect(classifier, images, device, batch=500, features=True):
+    return torch.cat([classifier(images[i:i + batch].to(device), return_features=features).cpu()
+                      for i in range(0, len(images), batch)]).to(torch.float64)
+
+
+def small_reference(reals, classifier=None, device='cpu'):
+    """Reference statistics of uint8 real images [N, C, H, W]: {'fd_8x8': (mu, sigma), 'toy_fid': (mu, sigma)}."""
+    ref = {'fd_8x8': fid_min.feature_stats(pixels8(reals))}
+    if classifier is not None:
+        ref['toy_fid'] = fid_min.feature_stats(_detect(classifier, reals, device))
+    return ref
+
+
+def small_metrics(images, classes, ref, classifier=None, device='cpu'):
+    """{'toy_fid', 'accuracy', 'fd_8x8'} of uint8 images [N, C, H, W] that were asked to show classes [N] (None:
+    unconditional, accuracy None); without a classifier only fd_8x8."""
+    out = {'fd_8x8': fid_min.frechet_distance(*ref['fd_8x8'], *fid_min.feature_stats(pixels8(images)))}
+    if classifier is not None:
+        out['toy_fid'] = fid_min.frechet_distance(*ref['toy_fid'], *fid_min.feature_stats(_detect(classifier, images, device)))
+        predicted = _detect(classifier, images, device, features=False).argmax(1)
+        out['accuracy'] = None if classes is None else (predicted == torch.as_tensor(classes)).double().mean().item()
+    return out
+
+
+METRIC_FORMAT = {'toy_fid': '{:8.3f}', 'accuracy': '{:7.1%}', 'fd_8x8': '{:8.3f}'}
+
+def _metric_line(name, m):
+    cells = [('n/a' if m.get(k, 0) is None else METRIC_FORMAT[k].format(m[k])).rjust(8) if k in m else '       -'
+             for k in METRIC_FORMAT]
+    return f'  {name:15s} ' + '  '.join(cells)
+
+
+@torch.no_grad()
 def evaluate_small(G, teacher, dataset, cfg, run_dir, device, batch=250):
     n, t0 = cfg.fd_images, time.time()
-    reals = np.stack([dataset[i][0] for i in range(len(dataset) if not dataset.xflip else len(dataset) // 2)])
-    ref = fid_min.feature_stats(pixels8(torch.from_numpy(reals)))
+    classifier = fid_min.load_detector(cfg.classifier, device) if cfg.classifier else None
+    count = len(dataset) if not dataset.xflip else len(dataset) // 2
+    reals = torch.from_numpy(np.stack([dataset[i][0] for i in range(count)]))
+    ref = small_reference(reals, classifier, device)
     if cfg.data:
-        floor_images = torch.from_numpy(reals[np.random.RandomState(1).permutation(len(reals))[:n]])
+        pick = np.random.RandomState(1).permutation(count)[:n]
+        floor_images = reals[pick]
+        floor_classes = np.stack([dataset[i][1] for i in pick]).argmax(1) if dataset.has_labels else None
     else:
-        floor_images = torch.from_numpy(draw_toy_images(n, TOY_SEED + 1)[0])
+        floor_images, floor_classes = (torch.from_numpy(a) for a in draw_toy_images(n, TOY_SEED + 1))
     g = torch.Generator().manual_seed(1000)
     z = torch.randn([n, G.img_channels, G.img_resolution, G.img_resolution], generator=g)
     c = torch.eye(G.label_dim)[torch.randint(G.label_dim, [n], generator=g)] if G.label_dim else None
@@ -989,47 +1087,62 @@ def evaluate_small(G, teacher, dataset, cfg, run_dir, device, batch=250):
         'teacher_heun35': lambda z, c: edm_nets.edm_sampler(teacher, z, c, num_steps=18),
         'gdd_1step': lambda z, c: gdd.generate(G, z, c),
     }
-    images, metrics = {}, {'data_floor': fid_min.frechet_distance(*ref, *fid_min.feature_stats(pixels8(floor_images)))}
+    print(f'Evaluation, {n} images against {count} training images:')
+    print(f'  {"":15s}  toy FID  accuracy    FD 8x8')
+    images, metrics = {}, {}
     for name, sample in samplers.items():
         parts = []
         for i in range(0, n, batch):
             zi, ci = z[i:i + batch].to(device), (None if c is None else c[i:i + batch].to(device))
             parts.append(to_uint8(sample(zi, ci).to(torch.float32)).cpu())
         images[name] = torch.cat(parts)
-        metrics[name] = fid_min.frechet_distance(*ref, *fid_min.feature_stats(pixels8(images[name])))
-        print(f'  {name:15s} 8x8 Frechet distance {metrics[name]:8.3f}  ({time.time() - t0:.0f}s)', flush=True)
-    print(f'  {"data_floor":15s} 8x8 Frechet distance {metrics["data_floor"]:8.3f}')
-    result = dict(fd_8x8=metrics, num_images=n, reference=f'{dataset.name} ({len(reals)} images)',
-                  bar=dict(gdd_le_quarter_teacher_1step=metrics['gdd_1step'] <= metrics['teacher_1step'] / 4,
-                           gdd_le_twice_teacher_heun35=metrics['gdd_1step'] <= 2 * metrics['teacher_heun35']))
+        metrics[name] = small_metrics(images[name], None if c is None else c.argmax(1), ref, classifier, device)
+        print(_metric_line(name, metrics[name]) + f'  ({time.time() - t0:.0f}s)', flush=True)
+    images['data_floor'] = floor_images
+    metrics['data_floor'] = small_metrics(floor_images, floor_classes, ref, classifier, device)
+    print(_metric_line('data_floor', metrics['data_floor']))
+    result = {k: {name: m[k] for name, m in metrics.items()} for k in METRIC_FORMAT if k in metrics['data_floor']}
+    result.update(num_images=n, reference=f'{dataset.name} ({count} images)', classifier=cfg.classifier or None)
+    if classifier is not None:       # the toy demo's targets (issue 11)
+        fid, acc = result['toy_fid'], result['accuracy']
+        result['targets'] = dict(
+            gdd_toy_fid_le_quarter_teacher_1step=fid['gdd_1step'] <= fid['teacher_1step'] / 4,
+            gdd_toy_fid_le_teacher_heun35=fid['gdd_1step'] <= fid['teacher_heun35'],
+            gdd_accuracy_ge_teacher_heun35_minus_5_points=None if acc['gdd_1step'] is None else acc['gdd_1step'] >= acc['teacher_heun35'] - 0.05)
     with open(os.path.join(run_dir, 'metrics.json.tmp'), 'w') as f:
         json.dump(result, f, indent=2)
     os.replace(os.path.join(run_dir, 'metrics.json.tmp'), os.path.join(run_dir, 'metrics.json'))
-    save_comparison({k: images[k][:20] for k in samplers}, metrics, os.path.join(run_dir, 'compare.png'))
+    save_comparison({k: x[:20] for k, x in images.items()}, metrics, os.path.join(run_dir, 'compare.png'))
 
 
-def save_comparison(images, metrics, path, scale=2):
-    """Rows of the same 20 seeds, one block per sampler, captioned with its 8x8 Frechet distance."""
-    titles = {'teacher_1step': 'teacher, 1 step', 'teacher_heun35': 'teacher, Heun 18 steps (35 evaluations)',
-              'gdd_1step': 'GDD-I, 1 step'}
-    blocks = []
+def save_comparison(images, metrics, path, cols=5, scale=2, num_zoom=2, gap=8):
+    """One column per sampler (and the data), the same 20 seeds in each: a 5x4 grid at 2x and, below it, the first
+    num_zoom seeds enlarged (nearest neighbour, 5x for the defaults) so that texture shows pixel by pixel; each
+    captioned with its metrics."""
+    titles = {'teacher_1step': 'teacher, 1 step', 'teacher_heun35': 'teacher, Heun 18 steps (35 evals)',
+              'gdd_1step': 'GDD-I, 1 step', 'data_floor': 'data (second draw)'}
+    enlarge = lambda a, k: np.asarray(PIL.Image.fromarray(a).resize((a.shape[1] * k, a.shape[0] * k), PIL.Image.NEAREST))
+    columns = []
     for name, x in images.items():
         n, c, h, w = x.shape
-        cols = 10
-        grid = x.reshape(n // cols, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // cols * h, cols * w, c).numpy()
-        grid = np.asarray(PIL.Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), PIL.Image.NEAREST))
-        caption = PIL.Image.new('RGB', (grid.shape[1], 16), (255, 255, 255))
-        PIL.ImageDraw.Draw(caption).text((4, 2), f'{titles[name]}: FD8x8 {metrics[name]:.2f}', fill=(0, 0, 0))
-        blocks += [np.asarray(caption), grid]
+        grid = enlarge(x.reshape(n // cols, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // cols * h, cols * w, c).numpy(), scale)
+        zoom = enlarge(np.concatenate(list(x[:num_zoom].permute(0, 2, 3, 1).numpy()), axis=1), cols * scale // num_zoom)
+        m = metrics[name]
+        line = '  '.join(f'{label} {"n/a" if m[k] is None else fmt.format(m[k])}' for k, label, fmt in
+                         (('toy_fid', 'toy FID', '{:.2f}'), ('accuracy', 'acc', '{:.0%}'), ('fd_8x8', 'FD8x8', '{:.2f}')) if k in m)
+        caption = PIL.Image.new('RGB', (grid.shape[1], 30), (255, 255, 255))
+        PIL.ImageDraw.Draw(caption).text((2, 2), f'{titles[name]}\n{line}', fill=(0, 0, 0), spacing=2)
+        white = np.full([gap // 2, grid.shape[1], 3], 255, np.uint8)
+        columns += [np.concatenate([np.asarray(caption), grid, white, zoom], axis=0), np.full([zoom.shape[0] + grid.shape[0] + 30 + gap // 2, gap, 3], 255, np.uint8)]
     tmp = f'{path}.tmp{os.getpid()}.png'
-    PIL.Image.fromarray(np.concatenate(blocks, axis=0)).save(tmp)
+    PIL.Image.fromarray(np.concatenate(columns[:-1], axis=1)).save(tmp)
     os.replace(tmp, path)
 
 #----------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = parse_args(argv)
-    if cfg.preset == 'toy-teacher':
+    if cfg.preset in OWN_OPTIONS:
         cfg.bench, cfg.resume = 0, ''
     stdout, lock = sys.stdout, RunLock()
     try:
@@ -1062,6 +1175,8 @@ def main(argv=None):
                     resume_run_dir(path, state, cfg, world)
             if cfg.preset == 'toy-teacher':
                 train_teacher(cfg, run_dir, device)
+            elif cfg.preset == 'toy-classifier':
+                train_classifier(cfg, run_dir, device)
             else:
                 result = train_gdd(cfg, run_dir, device, rank, world, state, path)
                 if torch.distributed.is_initialized():

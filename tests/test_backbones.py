@@ -7,7 +7,6 @@ import os
 import pickle
 import struct
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -314,7 +313,7 @@ def test_missing_weights_say_what_to_download(tmp_path, monkeypatch):
     # A failed download (no network here: edm_nets.open_url replaced by one that fails) -> one clear line.
     def open_url(source, cache_dir=None):
         raise OSError('network unreachable\nmore detail')
-    monkeypatch.setitem(sys.modules, 'edm_nets', types.SimpleNamespace(open_url=open_url))
+    monkeypatch.setattr(B.edm_nets, 'open_url', open_url)
     url = B.WEIGHT_URLS['deit_base_distilled_patch16_224']
     with pytest.raises(OSError) as e:
         B.build_backbone('deit_base_distilled_patch16_224', weights=url)

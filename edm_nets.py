@@ -1063,14 +1063,14 @@ def persistent_state_dict(obj, prefix=''):
         tensors = [*field(state, '_parameters', dict, where).items(),
                    *((k, v) for k, v in field(state, '_buffers', dict, where).items() if k not in non_persistent)]
         for name, value in tensors:
-            if type(name) is not str or not (value is None or isinstance(value, torch.Tensor)):
-                raise ValueError(f'module {where or "<root>"}: entry {name!r:.40} is not a tensor')
+            if type(name) is not str or not name or '.' in name or prefix + name in out or not (value is None or isinstance(value, torch.Tensor)):
+                raise ValueError(f'module {where or "<root>"}: entry {name!r:.40} is not a tensor with a unique plain name')
             if value is not None:
                 out[prefix + name] = value
         for name, child in field(state, '_modules', dict, where).items():
             if child is None:
                 continue
-            if type(name) is not str or not isinstance(child, (Persistent, ModuleDictRecord)):
+            if type(name) is not str or not name or '.' in name or not isinstance(child, (Persistent, ModuleDictRecord)):
                 raise ValueError(f'module {where or "<root>"}: child {name!r:.40} is not a module record')
             walk(child, prefix + name + '.', depth + 1)
 
@@ -1079,19 +1079,28 @@ def persistent_state_dict(obj, prefix=''):
 
 # --- torch.save files (gdd-min checkpoints and training states, backbone weights) -------------------------------
 
+def _open_zip(f, size):
+    """zipfile.ZipFile(f) once the end record says that the central directory is no larger than MAX_ZIP_MEMBERS
+    entries need (zipfile makes an object per entry before anyone could count them)."""
+    end = zipfile._EndRecData(f)
+    if end is None:
+        raise _BadFile('not a zip archive (no end-of-directory record)')
+    if end[zipfile._ECD_SIZE] > min(size, MAX_ZIP_MEMBERS * 1024):
+        raise _BadFile(f'zip directory of {end[zipfile._ECD_SIZE]} bytes, more than the file or {MAX_ZIP_MEMBERS:,} members need')
+    zf = zipfile.ZipFile(f)
+    if len(zf.infolist()) > MAX_ZIP_MEMBERS:
+        raise _BadFile(f'zip archive with {len(zf.infolist())} members, more than {MAX_ZIP_MEMBERS:,}')
+    return zf
+
+
 def _torch_zip(f, size, deflated_limit=0):
     """Check the central directory of a torch zip archive (torch.save, torch.jit.save) before anything reads a
     member: a directory no larger than MAX_ZIP_MEMBERS entries need, unique names under one top folder, every
     member inside the file and stored uncompressed (torch.save) -- or deflated, up to deflated_limit declared
     bytes in total (the code files of torch.jit.save). Returns (ZipFile, top folder)."""
-    end = zipfile._EndRecData(f)  # the end record, read before the directory itself is parsed
-    if end is None:
-        raise _BadFile('not a zip archive (no end-of-directory record)')
-    if end[zipfile._ECD_SIZE] > MAX_ZIP_MEMBERS * 1024 or end[zipfile._ECD_SIZE] > size:
-        raise _BadFile(f'zip directory of {end[zipfile._ECD_SIZE]} bytes is larger than this format allows')
-    zf = zipfile.ZipFile(f)
+    zf = _open_zip(f, size)
     infos = zf.infolist()
-    if not 0 < len(infos) <= MAX_ZIP_MEMBERS or len({i.filename for i in infos}) != len(infos):
+    if not infos or len({i.filename for i in infos}) != len(infos):
         raise _BadFile(f'zip archive with {len(infos)} members or duplicate names')
     top = infos[0].filename.split('/', 1)[0]
     inflated = 0
@@ -1210,15 +1219,15 @@ class NpzFile:
     only up to the caller's bound. So a 1 MB file cannot inflate to gigabytes unasked. Errors:
     ValueError('<path>: <problem>')."""
     def __init__(self, path):
-        self.path = str(path)
+        self.path, self.file = str(path), open(path, 'rb')
         try:
-            self.zip = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as e:
+            self.zip = _open_zip(self.file, os.fstat(self.file.fileno()).st_size)
+            infos = self.zip.infolist()
+            if any(i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) for i in infos):
+                raise _BadFile('a member uses a compression other than deflate')
+        except (_BadFile, zipfile.BadZipFile, OSError, EOFError) as e:
+            self.file.close()
             raise ValueError(f'{self.path}: not an npz file ({_first_line(e)})') from None
-        infos = self.zip.infolist()
-        if len(infos) > MAX_ZIP_MEMBERS or any(i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) for i in infos):
-            self.close()
-            raise ValueError(f'{self.path}: not an npz file ({len(infos)} members or an unknown compression)')
         self.members = {i.filename[:-4]: i for i in infos if i.filename.endswith('.npy')}
         self.files = list(self.members)
 
@@ -1230,8 +1239,11 @@ class NpzFile:
             version = np.lib.format.read_magic(f)
             if version not in ((1, 0), (2, 0)):
                 raise ValueError(f'unsupported .npy version {version}')
+            size = f.read(2 if version == (1, 0) else 4)   # header length: bounded before the header is read
+            if len(size) not in (2, 4) or int.from_bytes(size, 'little') > 10000:
+                raise ValueError(f'header of {int.from_bytes(size, "little")} bytes')
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(f, max_header_size=10000)
+            shape, fortran, dtype = read_header(io.BytesIO(size + f.read(int.from_bytes(size, 'little'))), max_header_size=10000)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise ValueError(f'{self.path}: array {key!r} has a bad .npy header ({_first_line(e)})') from None
         if dtype.kind not in 'biuf' or dtype.fields is not None or dtype.subdtype is not None:
@@ -1267,6 +1279,7 @@ class NpzFile:
 
     def close(self):
         self.zip.close()
+        self.file.close()
 
     def __enter__(self):
         return self
@@ -1507,6 +1520,8 @@ def load_network(source, key='ema', classes=None, device='cpu'):
         if not isinstance(obj, Persistent):
             raise ValueError(f'{path}: no network under key {key!r}')
         class_name, init_kwargs, state_dict = obj.class_name, obj.init_kwargs, None
+        if obj.init_args:
+            raise ValueError(f'{path}: positional init_args (EDM passes every constructor argument by name)')
     try:
         state_dict = persistent_state_dict(obj) if state_dict is None else state_dict
         net = build_network(class_name, init_kwargs, state_dict, classes)

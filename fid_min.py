@@ -165,8 +165,8 @@ class _NpzImages:
         if self.key is None:
             raise ValueError(f'{path}: no "images" (or "arr_0") array; keys: {", ".join(self.npz.files) or "none"}')
         f, shape, dtype, fortran = self.npz.open(self.key)
-        if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3) or shape[1] != shape[2] or fortran:
-            raise ValueError(f'{path}: images must be uint8 [N, H, W, C] with H == W and C in (1, 3), '
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3) or shape[1] != shape[2] or not 1 <= shape[1] <= 4096 or fortran:
+            raise ValueError(f'{path}: images must be uint8 [N, H, W, C] with H == W <= 4096 and C in (1, 3), '
                              f'got {dtype} {list(shape)}')
         if math.prod(shape) > NPZ_IMAGES_MAX_BYTES:
             raise ValueError(f'{path}: {list(shape)} images declare {math.prod(shape):,} bytes, more than the limit of '

@@ -93,6 +93,8 @@ def load_generator(source, device='cpu'):
     ema = data.get('ema') if isinstance(data, dict) else None
     if not isinstance(ema, edm_nets.Persistent):
         raise ValueError(f'{path}: no network under key "ema"')
+    if ema.init_args:
+        raise ValueError(f'{path}: positional init_args (EDM passes every constructor argument by name)')
     try:
         state_dict = edm_nets.persistent_state_dict(ema)     # also checks the module tree's structure
         if ema.class_name != 'D2OPrecond':

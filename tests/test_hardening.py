@@ -514,7 +514,7 @@ def test_load_torch_file_returns_what_torch_load_does(tmp_path, monkeypatch):
     assert torch.equal(edm_nets.load_torch_file(tmp_path / 'legacy.pt')['t'], state['t'])
     refused(edm_nets.load_torch_file, tmp_path / 'missing.pt', exc=FileNotFoundError, match='no such file')
     monkeypatch.setattr(edm_nets, 'MAX_ZIP_MEMBERS', 4)
-    refused(edm_nets.load_torch_file, tmp_path / 'state.pt', match='state.pt: .*zip archive with .* members')
+    refused(edm_nets.load_torch_file, tmp_path / 'state.pt', match='state.pt: .*zip archive with .* members, more than 4')
 
 # ----------------------------------------------------------------------------------------------------------------
 # 6. The command lines: one line, no traceback.
@@ -544,3 +544,31 @@ def test_fid_cli_one_line_errors(tmp_path, capsys, monkeypatch):
     assert 'could not download http://127.0.0.1:1/inception-2015-12-05.pt' in msg and '--detector PATH' in msg
     msg = fid_error('calc', '--net', tmp_path / 'teacher.pt', '--num', 4, '--ref', tmp_path / 'ref.npz', '--detector', tmp_path / 'teacher.pt')
     assert 'teacher.pt: not a TorchScript module' in msg
+
+
+def test_npz_header_length_and_directory_are_bounded(tmp_path, monkeypatch):
+    # An .npy header may declare 4 GB of header text (version 2.0): refused before it is read.
+    with zipfile.ZipFile(tmp_path / 'head.npz', 'w') as z:
+        z.writestr('mu.npy', b'\x93NUMPY\x02\x00' + struct.pack('<L', 2**32 - 1) + b'{')
+        z.writestr('sigma.npy', b'')
+    refused(fid_min.load_ref, tmp_path / 'head.npz', match="head.npz: array 'mu' has a bad .npy header .header of 4294967295 bytes")
+    np.savez(tmp_path / 'many.npz', **{f'a{i}': np.zeros(1) for i in range(10)})
+    monkeypatch.setattr(edm_nets, 'MAX_ZIP_MEMBERS', 5)
+    refused(fid_min.load_ref, tmp_path / 'many.npz', match='many.npz: not an npz file .zip archive with 10 members, more than 5')
+
+
+def test_module_records_must_be_well_formed(tmp_path):
+    def record(**state):
+        base = module('EDMPrecond', init_kwargs={'img_resolution': 16, 'img_channels': 3})
+        base.args[0]['state'].update(state)
+        return base
+    cases = [(record(_init_args=(16, 3)), 'positional init_args'),
+             (record(_parameters={'model.map_layer0.weight': torch.zeros(1)}), "entry 'model.map_layer0.weight' is not a tensor with a unique plain name"),
+             (record(_modules={'model': 5}), "child 'model' is not a module record"),
+             (record(_buffers=[1]), '_buffers is a list'),
+             (Record(edm_pickle._reconstruct_persistent_obj, dict(type='class', version=5, class_name='X', state={})),
+              'unsupported EDM persistent object record')]
+    for obj, match in cases:
+        (tmp_path / 'n.pkl').write_bytes(dumps({'ema': obj}))
+        for load in (edm_nets.load_network, gdd.load_generator):
+            refused(load, tmp_path / 'n.pkl', match=f'n.pkl: .*{match}')

@@ -1310,55 +1310,35 @@ _KWARG_RULES = {  # name: (kind, lo, hi[, max list length])
 }
 
 
-def _is_number(v):
-    return type(v) in (int, float) and not math.isnan(v)
-
-
 def _check_kwarg(name, v, rule):
-    kind, bounds = rule[0], rule[1:3]
-    if kind == 'int':
-        ok = type(v) is int and bounds[0] <= v <= bounds[1]
-    elif kind == 'float':
-        ok = _is_number(v) and bounds[0] <= v <= bounds[1]
-    elif kind == 'bool':
-        ok = type(v) is bool
-    elif kind == 'str':
-        ok = type(v) is str and len(v) <= 100
-    else:
-        each = (lambda x: type(x) is int and bounds[0] <= x <= bounds[1]) if kind == 'ints' else \
-               (lambda x: _is_number(x) and bounds[0] <= x <= bounds[1])
-        ok = type(v) in (list, tuple) and len(v) <= rule[3] and all(map(each, v)) and (kind == 'ints' or sum(v) > 0)
+    kind, lo, hi, length = (*rule, None, None, None)[:4]
+    number = lambda x: type(x) in (int, float) and lo <= x <= hi  # not bool; NaN fails both comparisons
+    ok = {'int': lambda: type(v) is int and lo <= v <= hi, 'float': lambda: number(v), 'bool': lambda: type(v) is bool,
+          'str': lambda: type(v) is str and len(v) <= 100,
+          'ints': lambda: type(v) in (list, tuple) and len(v) <= length and all(type(x) is int and lo <= x <= hi for x in v),
+          'taps': lambda: type(v) in (list, tuple) and len(v) <= length and all(map(number, v)) and sum(v) > 0}[kind]()
     if not ok:
-        lo, hi = (bounds + (None, None))[:2]
-        expected = (f'an int in [{lo}, {hi}]' if kind == 'int' else f'a number in [{lo}, {hi}]' if kind == 'float' else
-                    'True or False' if kind == 'bool' else 'a short string' if kind == 'str' else
-                    f'a list of at most {rule[3]} ints in [{lo}, {hi}]' if kind == 'ints' else
-                    f'a list of at most {rule[3]} non-negative numbers with a positive sum')
+        expected = {'int': f'an int in [{lo}, {hi}]', 'float': f'a number in [{lo}, {hi}]', 'bool': 'True or False',
+                    'str': 'a string of at most 100 characters', 'ints': f'a list of at most {length} ints in [{lo}, {hi}]',
+                    'taps': f'a list of at most {length} non-negative numbers with a positive sum'}[kind]
         raise ValueError(f'init_kwargs {name}={v!r:.60} is not {expected}')
-
-
-def _named_params(fn, drop=()):
-    return {p.name for p in inspect.signature(fn).parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != 'self' and p.name not in drop}
 
 
 def check_init_kwargs(cls, kwargs):
     """Refuse init_kwargs that cls (a _Precond wrapper) could not be built from safely: see the comment above."""
     if type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
         raise ValueError('init_kwargs is not a dict of names')
-    params, defaults = set(), {}
-    for c in cls.__mro__:  # the wrapper's own arguments, then those it passes on (**model_kwargs) to the U-Net
-        if c in (_Precond, torch.nn.Module, object):
-            break
-        if '__init__' in c.__dict__:
-            params |= _named_params(c.__init__)
-            defaults = {**{p.name: p.default for p in inspect.signature(c.__init__).parameters.values()}, **defaults}
-    model_type = kwargs.get('model_type', defaults.get('model_type'))
+    # The wrapper's own arguments (its class and bases up to _Precond), then those it passes on to the U-Net.
+    mro = cls.__mro__[:cls.__mro__.index(_Precond)] if _Precond in cls.__mro__ else cls.__mro__[:1]
+    wrapper = [inspect.signature(c.__init__).parameters for c in mro if '__init__' in c.__dict__]
+    model_type = kwargs.get('model_type', next((p['model_type'].default for p in wrapper if 'model_type' in p), None))
     if model_type not in UNETS:
         raise ValueError(f'unknown model_type {model_type!r}; supported: {", ".join(UNETS)}')
-    unet = UNETS[model_type]
-    params |= _named_params(unet.__init__, drop=('img_resolution', 'in_channels', 'out_channels', 'label_dim'))
-    unknown = sorted(set(kwargs) - params)
+    unet = inspect.signature(UNETS[model_type].__init__).parameters
+    def named(params, drop=()):
+        return {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in ('self', *drop)}
+    accepted = set().union(*map(named, wrapper)) | named(unet, ('img_resolution', 'in_channels', 'out_channels', 'label_dim'))
+    unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise ValueError(f'unknown init_kwargs for {cls.__name__} with {model_type}: {", ".join(unknown)}')
     for name, v in kwargs.items():
@@ -1367,8 +1347,7 @@ def check_init_kwargs(cls, kwargs):
         elif not (v is None or type(v) in (bool, int, float, str) or
                   (type(v) in (list, tuple) and len(v) <= 64 and all(x is None or type(x) in (bool, int, float, str) for x in v))):
             raise ValueError(f'init_kwargs {name} is a {type(v).__name__} (only plain numbers, strings and lists are accepted)')
-    levels = len(kwargs.get('channel_mult', inspect.signature(unet.__init__).parameters['channel_mult'].default))
-    resolution = kwargs.get('img_resolution')
+    levels, resolution = len(kwargs.get('channel_mult', unet['channel_mult'].default)), kwargs.get('img_resolution')
     if resolution is not None and resolution % (1 << (levels - 1)):
         raise ValueError(f'init_kwargs img_resolution={resolution} is not divisible by 2^{levels - 1} ({levels} resolution levels)')
 

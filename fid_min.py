@@ -151,7 +151,7 @@ def detect(detector, images):
 #----------------------------------------------------------------------------
 # Image sources. Each rank takes every world-th image; statistics are summed across ranks afterwards.
 
-NPZ_IMAGES_MAX_BYTES = 16 * 2**30  # declared size of an image npz (decompressed front to back, one image at a time)
+NPZ_IMAGES_MAX_BYTES = 4 * 2**30  # declared size of an image npz (decompressed twice, one image in memory at a time)
 
 
 class _NpzImages:

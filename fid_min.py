@@ -26,15 +26,15 @@ import argparse
 import io
 import math
 import os
-import pickle
-import re
-import zipfile
 
 import numpy as np
 import scipy.linalg
 import torch
 
+import dataset_min
 import edm_nets
+import sample_min
+from sample_min import init_distributed, parse_seeds
 
 #----------------------------------------------------------------------------
 # Feature statistics (edm-formats.md (c)): mu = sum(f) / N,
@@ -120,7 +120,7 @@ def load_detector(source=DETECTOR_URL, device='cpu'):
     except FileNotFoundError:
         raise
     except OSError as e:   # offline: say what to download and how to pass it
-        raise FileNotFoundError(f'{str(e).splitlines()[0]} (fid_min.py: --detector PATH)') from None
+        raise OSError(f'{str(e).splitlines()[0]} (fid_min.py: --detector PATH)') from None
     with open(path, 'rb') as fh:
         is_zip = fh.read(4) == b'PK\x03\x04'     # not zipfile.is_zipfile: a pickle holding an archive passes that
     if is_zip:
@@ -208,8 +208,7 @@ def image_batches(source, num=None, batch=64, rank=0, world=1, device='cpu'):
         array = _load_npz_images(source)
         count, read = len(array), (lambda i: array[i])
     else:
-        from train_min import ImageDataset                      # lazy: train_min imports this module
-        dataset = ImageDataset(source, use_labels=False)
+        dataset = dataset_min.ImageDataset(source, use_labels=False)
         count, read = len(dataset), (lambda i: dataset[i][0])
     if num is not None and count < num:
         raise ValueError(f'{source} has {count} images, expected at least {num}')
@@ -263,40 +262,6 @@ def save_ref(path, mu, sigma):
         np.savez(f, mu=mu, sigma=sigma)
     os.replace(tmp, path)
 
-#----------------------------------------------------------------------------
-# Command line helpers, shared with sample_min.py.
-
-def parse_seeds(text):
-    """'0-49999' / '0,5,10-12' -> list of ints (ranges inclusive)."""
-    seeds = []
-    for part in str(text).split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise argparse.ArgumentTypeError(f'bad seed list {text!r}: use e.g. 0-49999 or 0,5,10-12')
-        seeds.extend(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
-    return seeds
-
-
-def init_distributed(device='auto'):
-    """(rank, world_size, device), shared by fid_min, sample_min and train_min. Under torchrun (WORLD_SIZE > 1)
-    joins the process group: NCCL on CUDA, gloo on CPU. device: 'auto' (this rank's GPU if any, else the CPU),
-    'cpu', 'cuda' (this rank's GPU) or 'cuda:N'."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    if device == 'auto':
-        device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
-    else:
-        device = torch.device(device)
-        if device.type == 'cuda' and device.index is None:
-            device = torch.device('cuda', local_rank)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return rank, world, device
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -315,13 +280,14 @@ def main(argv=None):
         q.add_argument('--detector', default=DETECTOR_URL, help='Inception-v3 TorchScript file or pickle, path or URL (default: %(default)s)')
         q.add_argument('--batch', type=int, default=64, help='images per batch and rank (default: %(default)s)')
     args = p.parse_args(argv)
-    if args.batch < 1 or (args.cmd == 'calc' and args.num < 2):
-        p.error('--batch must be >= 1 and --num >= 2')
-    if args.cmd == 'calc' and args.net and args.steps < 2:
-        p.error('--steps must be >= 2 (the EDM sampler of a teacher --net; a GDD generator ignores it)')
 
     rank, world, device = init_distributed()
     try:
+        sample_min.check_sampling_options(args.batch, getattr(args, 'steps', 18))   # bad options fail before any work
+        if args.cmd == 'calc' and args.num < 2:
+            raise ValueError(f'--num must be >= 2 (a covariance needs two images), got {args.num}')
+        if args.cmd == 'ref':
+            sample_min.check_output(args.dest, '--dest')
         if args.cmd == 'calc':
             mu_ref, sigma_ref = load_ref(args.ref)                  # fail on a bad reference before any work
         detector = load_detector(args.detector, device)
@@ -335,7 +301,6 @@ def main(argv=None):
             stats = compute_stats(image_batches(args.images, args.num, args.batch, rank, world, device),
                                   detector, device, args.num, rank)
         else:
-            import sample_min                                       # lazy: needs gdd.py and edm_nets.py
             seeds = args.seeds or list(range(args.num))
             net = sample_min.load_net(args.net, device)
             batches = (images for _, images in sample_min.generate_images(
@@ -348,9 +313,8 @@ def main(argv=None):
             fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
             print(f'FID {fid:.4f} ({stats.n} images)')
             return fid
-    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as e:
-        msg = str(e.args[-1] if isinstance(e, FileNotFoundError) and e.args else e).strip().splitlines()
-        raise SystemExit(f'error: {msg[0] if msg else type(e).__name__}') from None
+    except sample_min.EXPECTED_ERRORS as e:           # sample_min.cli_errors(), as the except clause of this try
+        raise SystemExit(f'error: {sample_min.error_line(e)}') from None
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

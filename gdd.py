@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import backbones
 import edm_nets
 
 #----------------------------------------------------------------------------
@@ -257,15 +258,55 @@ class RandomProjection(nn.Module):
 # Mini-discriminator widths by resolution (recipe E.7); the start resolution takes the input's channels.
 D_CHANNELS = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
 
-def _sn_conv(c_in, c_out, stride, padding, bias):
-    return nn.utils.parametrizations.spectral_norm(nn.Conv2d(c_in, c_out, 4, stride, padding, bias=bias))
+class SNConv2d(nn.Conv2d):
+    """Conv2d with spectral normalisation, W_SN = W / sigma(W) (Miyato et al. 2018), sigma estimated by power
+    iteration on W as a [c_out, c_in k k] matrix, in the semantics of the legacy torch.nn.utils.spectral_norm
+    that the official heads use (recipe E.7; the newer torch.nn.utils.parametrizations version differs in both
+    points below, which moves G and D gradients by up to 1e-2 relative in the first iterations):
+    - construction: u ~ N(0, I_{c_out}) then v ~ N(0, I_{c_in k k}) from the global RNG, each normalised; no
+      warm-up iteration;
+    - every training-mode call first runs ONE power iteration, v first: v <- W^T u / |W^T u|, u <- W v / |W v|
+      (in place on the buffers, without gradient); eval-mode calls leave u, v as they are;
+    - sigma = u^T W v, with u, v constants for autograd (the gradient flows through W only).
+    State names weight_orig, weight_u, weight_v are those of the legacy function."""
+    def __init__(self, *args, eps=1e-12, **kwargs):
+        super().__init__(*args, **kwargs)
+        weight = self.weight
+        del self.weight
+        self.weight_orig = nn.Parameter(weight.detach())
+        self.eps = eps
+        h, w = weight.shape[0], weight[0].numel()
+        with torch.no_grad():
+            self.register_buffer('weight_u', F.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=eps))
+            self.register_buffer('weight_v', F.normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=eps))
+
+    def sigma(self):
+        W = self.weight_orig.flatten(1)
+        if self.training:
+            with torch.no_grad():
+                self.weight_v.copy_(F.normalize(torch.mv(W.t(), self.weight_u), dim=0, eps=self.eps))
+                self.weight_u.copy_(F.normalize(torch.mv(W, self.weight_v), dim=0, eps=self.eps))
+        # Clones: autograd keeps these u, v while the next call updates the buffers in place.
+        u, v = self.weight_u.clone(), self.weight_v.clone()
+        return torch.dot(u, torch.mv(W, v))
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight_orig / self.sigma(), self.bias)
 
 
 class MiniDiscriminator(nn.Module):
     """Recipe E.7: from a nominal start resolution down to 8 with DownBlocks (spectral-normalised 4x4 conv,
     stride 2, with bias -> BatchNorm -> LeakyReLU 0.2), then a spectral-normalised 4x4 conv (stride 1, no
     padding, no bias) to one logit per patch, or to cmap_dim channels for the conditional projection (E.8):
-    logit = <h, proj(embed(c))> / sqrt(cmap_dim) at every patch."""
+    logit = <h, proj(embed(c))> / sqrt(cmap_dim) at every patch.
+    Checked against the official code: one full iteration (G step, D step, R1 step, EMA) on the CIFAR-10 presets
+    (freeze 1 and 0, NCSN++ generator, VGG16-BN + EfficientNet-lite0 discriminator), from the same weights and
+    inputs, equals it stage by stage to float32 rounding (generator outputs, 224-px inputs, backbone taps,
+    projections, logits, gradients, Adam steps, BatchNorm statistics, u and v, EMA) once the heads use the
+    legacy power-iteration order of SNConv2d. What differs is documented where it happens: the official loss's
+    narrower freezing rule only wastes gradients on 16 tensors (quirk I.1, section 2), the official random
+    projections are seeded per rank (quirk I.5, RandomProjection), the data order (train_min.py), and the official
+    loop's module-summary forward, which advances u and v once before the first iteration (we do not run it)."""
     def __init__(self, in_channels, start_res,
                  label_dim=0,       # 0 = unconditional
                  width=1.0,         # multiplier on D_CHANNELS (1 = recipe; the toy uses less)
@@ -275,10 +316,10 @@ class MiniDiscriminator(nn.Module):
         layers, c, res = [], in_channels, start_res
         while res > 8:
             c_out = max(int(D_CHANNELS[res // 2] * width), 8)
-            layers += [_sn_conv(c, c_out, 2, 1, True), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            layers += [SNConv2d(c, c_out, 4, 2, 1, bias=True), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
             c, res = c_out, res // 2
         self.main = nn.Sequential(*layers)
-        self.final = _sn_conv(c, cmap_dim if label_dim else 1, 1, 0, False)
+        self.final = SNConv2d(c, cmap_dim if label_dim else 1, 4, 1, 0, bias=False)
         if label_dim:
             # Quirk I.10: upstream starts from StyleGAN-XL's pretrained 1000 x 320 ImageNet class table (rows
             # 0-9 for CIFAR-10); that asset is not available offline, so the table starts N(0, 1) (the official
@@ -346,7 +387,6 @@ def build_discriminator(feature_names, teacher, label_dim=0, width=1.0, cout=64,
             R = teacher.img_resolution
             start_res[name] = [2 * R >> i for i in range(len(features[name].channels))]
         else:
-            import backbones    # only needed for the ImageNet feature networks
             weights = (backbone_weights or {}).get(name, backbones.WEIGHT_URLS.get(name))
             features[name] = backbones.build_backbone(name, weights=weights, seed=proj_seed + 1000)  # own stream, not a projection's
             start_res[name] = [128, 64, 32, 16]
@@ -365,7 +405,7 @@ def build_discriminator(feature_names, teacher, label_dim=0, width=1.0, cout=64,
 # into ranks and accumulation chunks. loss_batch = b of the release script reproduces upstream exactly.
 #
 # Per-call state (quirk I.6): BatchNorm in D normalises with each call's batch, and every training-mode call
-# advances the spectral-norm power iteration. So that a rank processing n chunks behaves like n ranks holding
+# advances the spectral-norm power iteration (SNConv2d: one v-then-u step per call, G steps included). So that a rank processing n chunks behaves like n ranks holding
 # one chunk each, every chunk of a phase starts from the power-iteration vectors the phase started with (they
 # depend only on the weights, which do not change within a phase). BatchNorm running statistics also advance
 # per call; D never uses them (always in train mode), so they are not part of this equivalence.
@@ -418,7 +458,7 @@ def _labels(c):
 
 def _per_call(D, chunks):
     """Iterate over chunks; each chunk's D calls start from the same power-iteration vectors (see above)."""
-    vectors = [b for name, b in D.heads.named_buffers() if name.endswith(('._u', '._v'))]
+    vectors = [b for m in D.heads.modules() if isinstance(m, SNConv2d) for b in (m.weight_u, m.weight_v)]
     start = [b.clone() for b in vectors] if len(chunks) > 1 else None
     for k, chunk in enumerate(chunks):
         if k > 0:

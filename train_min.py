@@ -8,17 +8,18 @@
     python train_min.py cifar10 --bench 20 --batch-gpu 64                   # speed + memory, no data or download
 
 Outputs go to --outdir/NNNNN-PRESET/: log.txt, network-snapshot-KKKKKK.pt (EMA generator, gdd-min checkpoint
-format), samples-KKKKKK.png (fixed seeds), stats.jsonl (one line per tick), training-state-IIIIIIII.pt (for
---resume; the last 3), and for --fd-images > 0 compare.png + metrics.json.
+format), samples-KKKKKK.png (fixed seeds), stats.jsonl (one line per tick), training-state-IIIIIIII.pt and its
+.sha256 (for --resume; the last 3), and for --fd-images > 0 compare.png + metrics.json.
 """
 
 import argparse
 import copy
-import io
+import hashlib
 import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 import zipfile
@@ -29,153 +30,18 @@ import PIL.ImageDraw
 import torch
 import torch.nn.functional as F
 
+import backbones
 import edm_nets
 import fid_min
 import gdd
-from fid_min import init_distributed
+import sample_min
+from dataset_min import ImageDataset, save_dataset
+from sample_min import cli_errors, init_distributed
 
-#----------------------------------------------------------------------------
-# Dataset: EDM's format (edm-formats.md (b)), a zip or a folder of PNGs plus an optional dataset.json
-# {"labels": [[filename, class_int or [floats]], ...]} (or null). Shared with fid_min.py.
-
-class ImageDataset:
-    def __init__(self,
-        path,               # Zip archive or folder of images.
-        resolution  = None, # Expected side length; None = whatever the images have.
-        use_labels  = True, # Read dataset.json labels (if any)?
-        xflip       = False,# Append a mirrored copy of every image (doubles the length).
-    ):
-        self.path, self.xflip = str(path), bool(xflip)
-        if not os.path.exists(self.path):
-            raise FileNotFoundError(f'dataset not found: {self.path}')
-        if os.path.isdir(self.path):
-            self._kind = 'dir'
-            names = [os.path.relpath(os.path.join(root, f), self.path).replace('\\', '/')
-                     for root, _, files in os.walk(self.path) for f in files]
-        elif zipfile.is_zipfile(self.path):
-            self._kind = 'zip'
-            names = self._zip().namelist()
-        else:
-            raise ValueError(f'dataset must be a folder or a zip archive: {self.path}')
-        PIL.Image.init()
-        self._names = sorted(n for n in names if os.path.splitext(n)[1].lower() in PIL.Image.EXTENSION)
-        if not self._names:
-            raise ValueError(f'no images found in {self.path}')
-        self.name = os.path.splitext(os.path.basename(os.path.normpath(self.path)))[0]
-
-        # Geometry from the first image; every later image is checked against it when it is read.
-        first = self._load(0)
-        self.num_channels, h, w = first.shape
-        if h != w:
-            raise ValueError(f'images must be square, {self._names[0]} is {w}x{h}')
-        self.resolution = h
-        if resolution is not None and int(resolution) != h:
-            raise ValueError(f'dataset resolution is {h}x{h}, expected {resolution}x{resolution}')
-
-        # Labels: integer classes become one-hot rows (label_dim = max class + 1), lists stay float vectors.
-        self._labels = np.zeros([len(self._names), 0], dtype=np.float32)
-        raw = self._read_labels() if use_labels else None
-        if raw is not None:
-            try:
-                values = [raw[n] for n in self._names]
-            except KeyError as e:
-                raise ValueError(f'dataset.json has no label for {e.args[0]}') from None
-            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                classes = np.asarray(values, dtype=np.int64)
-                if classes.min() < 0:
-                    raise ValueError('dataset.json: class labels must be >= 0')
-                self._labels = np.eye(int(classes.max()) + 1, dtype=np.float32)[classes]
-            else:
-                try:
-                    self._labels = np.asarray(values, dtype=np.float32).reshape(len(values), -1)
-                except (TypeError, ValueError):
-                    raise ValueError('dataset.json: labels must be all integers or equal-length float lists') from None
-        self.label_dim = self._labels.shape[1]
-        self.has_labels = self.label_dim > 0
-
-    def _zip(self):
-        # One handle per process, so a forked DataLoader worker never shares a file position.
-        if getattr(self, '_zip_pid', None) != os.getpid():
-            self._zip_file, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
-        return self._zip_file
-
-    def _open(self, name):
-        return self._zip().open(name) if self._kind == 'zip' else open(os.path.join(self.path, name), 'rb')
-
-    def _read_labels(self):
-        if self._kind == 'zip':
-            if 'dataset.json' not in self._zip().namelist():
-                return None
-        elif not os.path.isfile(os.path.join(self.path, 'dataset.json')):
-            return None
-        with self._open('dataset.json') as f:
-            try:
-                meta = json.load(f)
-            except ValueError as e:
-                raise ValueError(f'dataset.json is not valid JSON: {e}') from None
-        labels = meta.get('labels') if isinstance(meta, dict) else None
-        if labels is None:
-            return None
-        try:
-            return {str(name).replace('\\', '/'): value for name, value in labels}
-        except (TypeError, ValueError):
-            raise ValueError('dataset.json: "labels" must be a list of [filename, label] pairs') from None
-
-    def _load(self, i):
-        name = self._names[i]
-        with self._open(name) as f:
-            try:
-                image = PIL.Image.open(io.BytesIO(f.read()))
-                image.load()
-            except (OSError, SyntaxError) as e:
-                raise ValueError(f'cannot read image {name}: {e}') from None
-        if image.mode not in ('L', 'RGB'):
-            raise ValueError(f'{name}: image mode {image.mode} is not supported (use L or RGB)')
-        x = np.asarray(image, dtype=np.uint8)
-        x = x[:, :, None] if x.ndim == 2 else x
-        x = x.transpose(2, 0, 1)                                    # HWC -> CHW
-        if hasattr(self, 'resolution') and x.shape != (self.num_channels, self.resolution, self.resolution):
-            raise ValueError(f'{name} has shape {list(x.shape)}, expected '
-                             f'{[self.num_channels, self.resolution, self.resolution]} like the first image')
-        return x
-
-    def __len__(self):
-        return len(self._names) * (2 if self.xflip else 1)
-
-    def __getitem__(self, idx):
-        i = int(idx) % len(self._names)
-        image = self._load(i)
-        if idx >= len(self._names):                                 # mirrored copy
-            image = image[:, :, ::-1]
-        return np.ascontiguousarray(image), self._labels[i].copy()
-
-    def __getstate__(self):                                         # picklable for DataLoader workers
-        return {k: v for k, v in self.__dict__.items() if k not in ('_zip_file', '_zip_pid')}
-
-def save_dataset(path, images, labels=None):
-    """Write uint8 images [N, C, H, W] (and integer class labels [N]) in EDM's format: a zip when
-    `path` ends in .zip (stored, uncompressed PNGs), else a folder. Written atomically."""
-    names = [f'{i:08d}'[:5] + f'/img{i:08d}.png' for i in range(len(images))]
-    meta = {'labels': None if labels is None else [[n, int(c)] for n, c in zip(names, labels)]}
-    def png(x):
-        buf = io.BytesIO()
-        PIL.Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)).save(buf, format='png', compress_level=0)
-        return buf.getvalue()
-    tmp = f'{path}.tmp{os.getpid()}'
-    if str(path).endswith('.zip'):
-        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as z:
-            for n, x in zip(names, images):
-                z.writestr(n, png(x))
-            z.writestr('dataset.json', json.dumps(meta))
-        os.replace(tmp, path)
-    else:
-        for n, x in zip(names, images):
-            os.makedirs(os.path.join(tmp, os.path.dirname(n)), exist_ok=True)
-            with open(os.path.join(tmp, n), 'wb') as f:
-                f.write(png(x))
-        with open(os.path.join(tmp, 'dataset.json'), 'w') as f:
-            json.dump(meta, f)
-        os.replace(tmp, path)
+try:
+    import fcntl                # the run-folder lock (POSIX)
+except ImportError:
+    fcntl = None
 
 #----------------------------------------------------------------------------
 # Toy data: 10 classes of anti-aliased shapes (class = shape) of random colour, size, position and rotation on
@@ -289,6 +155,7 @@ COMMON = dict(
                         # gradients. 0 = min(batch / GPUs, loss_batch): the official per-GPU batch on any GPU count
     state=10,           # ticks between training-state files for --resume (0: only at the end); the last 3 are kept
     resume='',          # training state to continue from: a file, a run folder, or 'auto' (newest in --outdir)
+    resume_override='', # options (comma separated) that may differ from the resumed state's, e.g. r1_gamma,lr
     bench=0,            # > 0: time this many iterations on random data and a random-weight teacher, then exit
     tick=25,            # kimg between progress lines
     snap=10,            # ticks between snapshots (0: only at the end)
@@ -317,6 +184,7 @@ HELP = dict(
               'gradients (0 = min(batch / processes, loss batch), the official per-GPU batch)',
     state='ticks between training-state files (0 = at the end only); the last 3 are kept',
     resume="continue from a training state: file, run folder, or 'auto' (newest in --outdir, else start fresh)",
+    resume_override='comma-separated options that may differ from the resumed state (e.g. r1_gamma,lr); logged',
     bench='> 0: time this many iterations on random data with a random-weight teacher, print images/s and peak memory')
 
 TEACHER_LR_RAMPUP_KIMG = 10     # toy teacher: linear lr warm-up (EDM uses 10 Mimg at batch 512)
@@ -345,7 +213,61 @@ def parse_args(argv=None):
                             help='weights of an ImageNet feature network (default: backbones.WEIGHT_URLS)')
     cfg = parser.parse_args(argv[1:])
     cfg.preset = preset
+    check_options(cfg)
     return cfg
+
+
+def check_options(cfg):
+    """Every value that cannot work fails here, in one line, before anything is loaded or written. Local paths
+    of --data, --teacher and --backbone-weights become absolute (what resume compares)."""
+    def need(ok, text):
+        if not ok:
+            raise SystemExit(f'error: {text}')
+    has = lambda k: hasattr(cfg, k)
+    flag = lambda k: '--' + k.replace('_', '-')
+    local = lambda p: p if re.match(r'^https?://', p) else os.path.abspath(os.path.expanduser(p))
+    need(cfg.batch >= 1, f'--batch must be >= 1, got {cfg.batch}')
+    need(math.isfinite(cfg.kimg) and cfg.kimg * 1000 >= 1, f'--kimg must be finite and >= 0.001 (one image), got {cfg.kimg}')
+    need(math.isfinite(cfg.tick) and cfg.tick > 0, f'--tick must be finite and > 0, got {cfg.tick}')
+    for k in ('lr', 'dlr', 'r1_gamma', 'ema'):
+        need(not has(k) or math.isfinite(getattr(cfg, k)) and getattr(cfg, k) >= 0, f'{flag(k)} must be finite and >= 0, got {getattr(cfg, k, 0)}')
+    for k in ('dwidth', 'teacher_sigma'):
+        need(not has(k) or math.isfinite(getattr(cfg, k)) and getattr(cfg, k) > 0, f'{flag(k)} must be finite and > 0, got {getattr(cfg, k, 1)}')
+    for k in ('batch_gpu', 'state', 'snap', 'workers', 'bench', 'fd_images'):
+        need(not has(k) or getattr(cfg, k) >= 0, f'{flag(k)} must be >= 0, got {getattr(cfg, k, 0)}')
+    need(not has('loss_batch') or cfg.loss_batch >= 1, f'--loss-batch must be >= 1, got {getattr(cfg, "loss_batch", 1)}')
+    need(getattr(cfg, 'fd_images', 0) != 1, '--fd-images must be 0 or >= 2 (a covariance needs two images)')
+    for k in ('seed', 'proj_seed'):
+        need(not has(k) or 0 <= getattr(cfg, k) < 2**32, f'{flag(k)} must be in 0..2^32-1, got {getattr(cfg, k, 0)}')
+    need(not has('freeze') or cfg.freeze in gdd.FREEZE_LEVELS, f'--freeze must be one of {sorted(gdd.FREEZE_LEVELS)}, got {getattr(cfg, "freeze", 0)}')
+    need(re.fullmatch(r'[1-9]\d*(,[1-9]\d*)*', cfg.cres), f'--cres must be comma-separated integers >= 1, got {cfg.cres!r}')
+    if has('features'):
+        names = cfg.features.split(',')
+        known = ('teacher',) + backbones.BACKBONES
+        need(all(n in known for n in names) and len(set(names)) == len(names),
+             f'--features must be distinct names from {", ".join(known)}, got {cfg.features!r}')
+        for item in cfg.backbone_weights:
+            name, eq, source = item.partition('=')
+            need(eq and source and name in names, f'--backbone-weights must be NAME=PATH_OR_URL with NAME in --features, got {item!r}')
+        cfg.backbone_weights = [f'{name}={local(source)}' for name, _, source in (w.partition('=') for w in cfg.backbone_weights)]
+    if has('resume'):
+        need(not (cfg.resume and cfg.bench), '--resume and --bench exclude each other')
+        wrong = [k for k in cfg.resume_override.replace('-', '_').split(',') if k.strip() and
+                 (k.strip() not in RESUME_MUST_MATCH or k.strip() in RESUME_FIXED)]
+        need(not wrong, f'--resume-override: {", ".join(wrong)} cannot be overridden; choose from '
+                        f'{", ".join(k for k in RESUME_MUST_MATCH if k not in RESUME_FIXED)}')
+    if cfg.device != 'auto':
+        try:
+            device = torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            device = None
+        need(device is not None and device.type in ('cpu', 'cuda'), f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+        need(device.type != 'cuda' or torch.cuda.is_available(), 'CUDA is not available; use --device cpu')
+        need(device.type != 'cuda' or device.index is None or device.index < torch.cuda.device_count(),
+             f'--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    cfg.data = local(cfg.data) if cfg.data else ''
+    if has('teacher'):
+        cfg.teacher = local(cfg.teacher)
 
 
 def _bool(s):
@@ -362,10 +284,14 @@ def arch_kwargs(cfg):
 
 def make_run_dir(cfg):
     os.makedirs(cfg.outdir, exist_ok=True)
-    ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in os.listdir(cfg.outdir)) if m]
-    run_dir = os.path.join(cfg.outdir, f'{max(ids, default=-1) + 1:05d}-{cfg.preset}')
-    os.makedirs(run_dir)
-    return run_dir
+    while True:
+        ids = [int(m.group(1)) for m in (re.match(r'^(\d+)-', d) for d in os.listdir(cfg.outdir)) if m]
+        run_dir = os.path.join(cfg.outdir, f'{max(ids, default=-1) + 1:05d}-{cfg.preset}')
+        try:
+            os.makedirs(run_dir)
+            return run_dir
+        except FileExistsError:     # another run started at the same moment and took this number
+            pass
 
 
 class Logger:
@@ -544,21 +470,67 @@ def peak_memory_gb(device):
 # edm_nets.atomic_save (temporary file, fsync, rename), named by iteration; the last 3 are kept. A file cut off
 # by a kill is never a candidate (temporary files are hidden and unnamed like states), and a corrupt one is
 # skipped in favour of the previous one. Multi-node runs need --outdir on a shared filesystem.
+#
+# Integrity: torch.load does not check the zip CRCs, so a flipped byte in tensor data would load silently. Each
+# state gets a sidecar training-state-IIIIIIII.pt.sha256 (sha256sum's format, written atomically after the
+# state) that is checked before torch.load. A state without one (written by an older version, or killed between
+# the two renames) is accepted after the CRC-32 of every zip member checks out, with a note. A state that passes
+# is then checked for structure (keys, types, the RNG state a uint8 tensor) and, once the networks exist, for
+# names, shapes and dtypes of every tensor: a mismatch is a one-line error, never a silent cast.
+# One process per run folder: rank 0 holds an exclusive flock on RUN_DIR/.lock (released by the kernel when the
+# process ends, however it ends); with the lock held, temporary files a killed run left behind are removed.
 
 STATE_FORMAT = 'gdd-min-training-state'
 STATE_RE = re.compile(r'^training-state-(\d+)\.pt$')
 STATE_KEEP = 3
+STATE_KEYS = ('format', 'step', 'tick', 'seen', 'config', 'G', 'G_ema', 'D', 'opt_G', 'opt_D', 'latent_gen')
+# Every option that changes what a run computes. Resume refuses a change unless --resume-override names it (then
+# the log says so); those in RESUME_FIXED shape the networks and cannot be overridden. Not here: kimg (only the
+# end point) and tick, snap, state, outdir, export, workers, device, fd_images, bench (when and where results are
+# written, how the data is loaded). batch_gpu is compared as the effective value (0 = derived from the batch).
 RESUME_MUST_MATCH = ('preset', 'arch', 'cres', 'freeze', 'features', 'dwidth', 'proj_seed', 'teacher_sigma', 'seed',
-                     'batch', 'loss_batch', 'lr', 'dlr')     # (the learning rates live in the saved optimizer states)
+                     'batch', 'loss_batch', 'lr', 'dlr', 'r1_gamma', 'ema', 'batch_gpu', 'xflip', 'data', 'teacher',
+                     'backbone_weights', 'fp16')
+RESUME_FIXED = ('preset', 'arch', 'cres', 'freeze', 'features', 'dwidth')
+TEMP_RE = re.compile(r'\.tmp\d*(\.png)?$')     # atomic_save's .NAME.tmpPID, grids' NAME.tmpPID.png, stats.jsonl.tmp
+LOCK_NAME = '.lock'
 
 
-def save_training_state(run_dir, step, tick, seen, cfg, G, G_ema, D, opt_G, opt_D, latent_gen):
-    state = dict(format=STATE_FORMAT, step=step, tick=tick, seen=seen, config=vars(cfg),
+def effective_batch_gpu(cfg, world):
+    return cfg.batch_gpu or min(cfg.batch // world, cfg.loss_batch)
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_training_state(run_dir, step, tick, seen, cfg, G, G_ema, D, opt_G, opt_D, latent_gen, batch_gpu):
+    state = dict(format=STATE_FORMAT, step=step, tick=tick, seen=seen, config=vars(cfg), batch_gpu=batch_gpu,
                  G=G.state_dict(), G_ema=G_ema.state_dict(), D=D.heads.state_dict(),
                  opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict(), latent_gen=latent_gen.get_state())
-    edm_nets.atomic_save(state, os.path.join(run_dir, f'training-state-{step:08d}.pt'))
+    path = os.path.join(run_dir, f'training-state-{step:08d}.pt')
+    sidecar, tmp = path + '.sha256', os.path.join(run_dir, f'.{os.path.basename(path)}.sha256.tmp{os.getpid()}')
+    try:
+        edm_nets.atomic_save(state, path)
+        with open(tmp, 'w') as f:
+            f.write(f'{file_sha256(path)}  {os.path.basename(path)}\n')
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, sidecar)
+    except (OSError, RuntimeError) as e:    # disk full, folder gone: the earlier states stay as they were
+        raise OSError(f'cannot write training state {path}: {getattr(e, "strerror", None) or e}') from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     for old in training_states(run_dir)[STATE_KEEP:]:
         os.remove(old)
+        if os.path.exists(old + '.sha256'):
+            os.remove(old + '.sha256')
+    return path
 
 
 def training_states(run_dir):
@@ -567,36 +539,246 @@ def training_states(run_dir):
     return [os.path.join(run_dir, n) for n in sorted(names, reverse=True)]
 
 
-def find_training_state(resume, outdir, preset):
-    """(path, state) of the newest complete training state of --resume, or (None, None) for 'auto' with none."""
+def verify_training_state(path):
+    """Check the bytes of a state before torch.load reads them: against its .sha256 file, else (no such file)
+    the CRC-32 of every member of the zip archive torch.save wrote. Returns a note for the second case."""
+    sidecar = path + '.sha256'
+    if os.path.isfile(sidecar):
+        with open(sidecar, 'rb') as f:
+            words = f.read(1000).split()
+        expected = words[0].decode('ascii', 'replace').lower() if words else ''
+        if not re.fullmatch(r'[0-9a-f]{64}', expected):
+            raise ValueError(f'{path}: {os.path.basename(sidecar)} holds no SHA-256')
+        if file_sha256(path) != expected:
+            raise ValueError(f'{path}: SHA-256 differs from {os.path.basename(sidecar)} (the file is corrupt)')
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+            # torch.save stores members uncompressed; the size bound keeps overlapping members from multiplying the work
+            if any(m.compress_type != zipfile.ZIP_STORED for m in members) or \
+                    sum(m.file_size for m in members) > os.path.getsize(path):
+                raise ValueError('not an archive written by torch.save')
+            bad = z.testzip()
+    except Exception as e:      # anything zipfile meets in a damaged archive
+        raise ValueError(f'{path}: not a complete training state ({sample_min.error_line(e)})') from None
+    if bad is not None:
+        raise ValueError(f'{path}: CRC-32 mismatch in {bad} (the file is corrupt)')
+    return f'note: {path} has no {os.path.basename(sidecar)} (older version?); its zip CRC-32s check out'
+
+
+def read_training_state(path):
+    """The state in `path` as plain data, or ValueError('<path>: <problem>'). Every state is read here."""
+    try:
+        note = verify_training_state(path)
+    except OSError as e:        # unreadable (a folder of that name, no permission, ...)
+        raise ValueError(f'{path}: {sample_min.error_line(e)}') from None
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:      # a damaged file can fail anywhere inside torch.load
+        raise ValueError(f'{path}: {sample_min.error_line(e)}') from None
+    if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
+        raise ValueError(f'{path}: not a gdd-min training state')
+    if note:
+        print(note)
+    return state
+
+
+def check_training_state(state, path):
+    """Structure of a state that read_training_state returned: keys and types (shapes: load_training_state)."""
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f'{path}: not a complete training state, missing {", ".join(missing)}')
+    for k in ('step', 'tick', 'seen') + (('batch_gpu',) if 'batch_gpu' in state else ()):
+        if type(state[k]) is not int or state[k] < 0:
+            raise ValueError(f'{path}: {k} must be an integer >= 0, got {type(state[k]).__name__}')
+    if not isinstance(state['config'], dict):
+        raise ValueError(f'{path}: config must be a dict, got {type(state["config"]).__name__}')
+    plain = lambda v: v is None or type(v) in (str, int, float, bool) or type(v) is list and all(type(x) is str for x in v)
+    odd = [k for k in RESUME_MUST_MATCH if not plain(state['config'].get(k))]
+    if odd:
+        raise ValueError(f'{path}: config values of {", ".join(odd)} are not plain values')
+    for k in ('G', 'G_ema', 'D'):
+        if not isinstance(state[k], dict) or not all(isinstance(n, str) and isinstance(t, torch.Tensor) for n, t in state[k].items()):
+            raise ValueError(f'{path}: {k} must be a state dict (names -> tensors)')
+    for k in ('opt_G', 'opt_D'):
+        sd = state[k]
+        if not (isinstance(sd, dict) and isinstance(sd.get('state'), dict) and isinstance(sd.get('param_groups'), list)):
+            raise ValueError(f'{path}: {k} must be an optimizer state dict (state, param_groups)')
+    rng = state['latent_gen']
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.ndim != 1:
+        got = f'{rng.dtype} tensor of shape {list(rng.shape)}' if isinstance(rng, torch.Tensor) else type(rng).__name__
+        raise ValueError(f'{path}: latent_gen must be a torch.Generator state (1-D uint8 tensor), got {got}')
+
+
+def _names(names, n=3):
+    return ', '.join(names[:n]) + (f', ... ({len(names)} in all)' if len(names) > n else '')
+
+
+def _check_tensors(sd, want, where):
+    """sd holds exactly the names of `want`, each with its shape and dtype, and finite floating values."""
+    missing, unexpected = [n for n in want if n not in sd], [n for n in sd if n not in want]
+    if missing or unexpected:
+        raise ValueError(f'{where}: ' + '; '.join([f'missing {_names(missing)}'] * bool(missing) +
+                                                  [f'unexpected {_names(unexpected)}'] * bool(unexpected)))
+    for n, t in sd.items():
+        if not isinstance(t, torch.Tensor) or t.shape != want[n].shape or t.dtype != want[n].dtype:
+            got = f'{t.dtype} {list(t.shape)}' if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f'{where}: {n} is {got}, this configuration has {want[n].dtype} {list(want[n].shape)}')
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f'{where}: {n} holds NaN or inf')
+
+
+def _load_optimizer(opt, sd, where):
+    """opt.load_state_dict after checking what torch does not: group options' types, every state tensor's shape."""
+    groups, params = sd['param_groups'], [p for group in opt.param_groups for p in group['params']]
+    if len(groups) != len(opt.param_groups) or not all(
+            isinstance(g, dict) and isinstance(g.get('params'), list) and len(g['params']) == len(h['params'])
+            for g, h in zip(groups, opt.param_groups)):
+        raise ValueError(f'{where}: parameter groups differ from this configuration (other trained parameters?)')
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    for g, h in zip(groups, opt.param_groups):
+        for k, v in h.items():
+            if k == 'params' or k not in g:
+                continue
+            if number(v) and not number(g[k]) or isinstance(v, bool) and not isinstance(g[k], bool) or \
+                    isinstance(v, tuple) and not (isinstance(g[k], tuple) and len(g[k]) == len(v) and all(map(number, g[k]))):
+                raise ValueError(f'{where}: option {k} is {g[k]!r:.40}, expected a value like {v!r}')
+    ids = [i for g in groups for i in g['params']]
+    if not all(type(i) is int for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f'{where}: parameter ids must be distinct integers')
+    by_id = dict(zip(ids, params))
+    for i, entry in sd['state'].items():
+        if i not in by_id or not isinstance(entry, dict):
+            raise ValueError(f'{where}: state of unknown parameter {i!r:.40}')
+        for name, t in entry.items():
+            if not isinstance(t, torch.Tensor) or (t.ndim and t.shape != by_id[i].shape) or not t.is_floating_point():
+                got = f'{t.dtype} {list(t.shape)}' if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f'{where}: {name} of parameter {i} is {got}, the parameter is {list(by_id[i].shape)}')
+            if not torch.isfinite(t).all():
+                raise ValueError(f'{where}: {name} of parameter {i} holds NaN or inf')
+    lrs = [h['lr'] for h in opt.param_groups]
+    opt.load_state_dict(sd)
+    for h, lr in zip(opt.param_groups, lrs):    # this run's rates (equal unless --resume-override lr/dlr)
+        h['lr'] = lr
+
+
+def load_training_state(state, path, G, G_ema, D, opt_G, opt_D, latent_gen):
+    """Copy a checked state into the freshly built networks, optimizers and latent generator; (step, tick, seen)."""
+    for key, module in (('G', G), ('G_ema', G_ema), ('D', D.heads)):
+        _check_tensors(state[key], module.state_dict(), f'{path}: {key}')
+        module.load_state_dict(state[key])
+    _load_optimizer(opt_G, state['opt_G'], f'{path}: opt_G')
+    _load_optimizer(opt_D, state['opt_D'], f'{path}: opt_D')
+    rng, want = state['latent_gen'], latent_gen.get_state()
+    if rng.numel() != want.numel():
+        raise ValueError(f'{path}: latent_gen holds {rng.numel()} bytes, a {latent_gen.device.type} generator '
+                         f'{want.numel()} (a state saved on another device type cannot continue the same latents)')
+    try:
+        latent_gen.set_state(rng)
+    except RuntimeError as e:
+        raise ValueError(f'{path}: latent_gen is not a valid generator state ({sample_min.error_line(e)})') from None
+    return state['step'], state['tick'], state['seen']
+
+
+class RunLock:
+    """Exclusive, non-blocking flock on RUN_DIR/.lock: one training process per run folder."""
+    def __init__(self):
+        self.file = self.folder = None
+
+    def hold(self, folder):
+        folder = os.path.abspath(folder)
+        if folder == self.folder:
+            return
+        self.release()
+        if fcntl is None:
+            print(f'note: no file locking on this system; make sure no other process trains into {folder}')
+            return
+        f = open(os.path.join(folder, LOCK_NAME), 'a+')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read(200).strip() or 'another process'
+            f.close()
+            raise SystemExit(f'error: run folder {folder} is in use by {owner}; wait for it to end or stop it') from None
+        except OSError as e:        # a filesystem without flock (some network filesystems): go on, say so
+            f.close()
+            print(f'note: cannot lock {folder} ({e.strerror}); make sure no other process trains into it')
+            return
+        f.truncate(0)
+        f.write(f'process {os.getpid()} on {socket.gethostname()}\n')
+        f.flush()
+        self.file, self.folder = f, folder
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()       # closing the file releases the lock
+        self.file = self.folder = None
+
+
+def remove_leftovers(run_dir):
+    """Temporary files of a killed run, and checksums whose state is gone (called with the run's lock held)."""
+    names = set(os.listdir(run_dir))
+    junk = sorted(n for n in names if os.path.isfile(os.path.join(run_dir, n)) and
+                  (TEMP_RE.search(n) or n.endswith('.pt.sha256') and n[:-len('.sha256')] not in names))
+    for n in junk:
+        os.remove(os.path.join(run_dir, n))
+    if junk:
+        print(f'note: removed {len(junk)} file(s) an interrupted run left in {run_dir}: {_names(junk)}')
+
+
+def find_training_state(resume, outdir, preset, lock=None):
+    """(path, state) of the newest intact training state of --resume, or (None, None) for 'auto' with none. A
+    damaged state is skipped with a note (an explicit FILE is an error). With a RunLock, the folder of each
+    candidate is locked before its states are listed and read."""
     if resume == 'auto':
         runs = sorted((d for d in (os.listdir(outdir) if os.path.isdir(outdir) else []) if re.match(rf'^\d+-{re.escape(preset)}$', d)), reverse=True)
-        candidates = [p for d in runs for p in training_states(os.path.join(outdir, d))]
+        folders = [os.path.join(outdir, d) for d in runs]
     elif os.path.isdir(resume):
-        candidates = training_states(resume)
+        folders = [resume]
     elif os.path.isfile(resume):
-        candidates = [resume]
+        if lock is not None:
+            lock.hold(os.path.dirname(os.path.abspath(resume)))
+        try:
+            return resume, read_training_state(resume)
+        except ValueError as e:
+            raise SystemExit(f'error: --resume {resume}: no complete training state: {str(e).partition(": ")[2] or e}') from None
     else:
         raise SystemExit(f'error: --resume {resume}: no such file or folder')
-    for path in candidates:
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-            if isinstance(state, dict) and state.get('format') == STATE_FORMAT:
-                return path, state
-            print(f'note: skipping {path}: not a gdd-min training state')
-        except Exception as e:      # cut off or corrupt: fall back to the previous state
-            print(f'note: skipping {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}')
+    for folder in folders:
+        if not training_states(folder):
+            continue
+        if lock is not None:
+            lock.hold(folder)
+        for path in training_states(folder):
+            try:
+                return path, read_training_state(path)
+            except ValueError as e:     # cut off or corrupt: fall back to the previous state
+                print(f'note: skipping {path}: {str(e).partition(": ")[2] or e}')
+    if lock is not None:
+        lock.release()
     if resume != 'auto':
         raise SystemExit(f'error: --resume {resume}: no complete training state found')
     return None, None
 
 
-def resume_run_dir(path, state, cfg):
+def resume_run_dir(path, state, cfg, world=1):
     """Check the state belongs to this configuration; drop stats.jsonl lines written after it."""
-    wrong = [f'{k}={state["config"].get(k)!r} (now {getattr(cfg, k)!r})' for k in RESUME_MUST_MATCH
-             if state['config'].get(k) != getattr(cfg, k)]
-    if wrong:
-        raise SystemExit(f'error: {path} was written with ' + ', '.join(wrong))
+    saved = state['config']
+    now = {k: getattr(cfg, k) for k in RESUME_MUST_MATCH if hasattr(cfg, k)}
+    old = {k: saved.get(k) for k in now}
+    if 'batch_gpu' in state:    # states of older versions hold only the option, 0 when derived
+        now['batch_gpu'], old['batch_gpu'] = effective_batch_gpu(cfg, world), state['batch_gpu']
+    changed = [k for k in now if old[k] != now[k]]
+    override = [k.strip().replace('-', '_') for k in getattr(cfg, 'resume_override', '').split(',') if k.strip()]
+    refused = [k for k in changed if k not in override]
+    if refused:
+        hint = '' if set(refused) & set(RESUME_FIXED) else f'; to continue anyway with the new values: --resume-override {",".join(refused)}'
+        raise SystemExit(f'error: {path} was written with ' +
+                         ', '.join(f'{k}={old[k]!r:.200} (now {now[k]!r:.200})' for k in refused) + hint)
+    for k in changed:
+        print(f'note: --resume-override {k}: {old[k]!r:.200} -> {now[k]!r:.200} from iteration {state["step"]} on')
     run_dir = os.path.dirname(os.path.abspath(path))
     stats_path = os.path.join(run_dir, 'stats.jsonl')
     if os.path.isfile(stats_path):
@@ -649,9 +831,9 @@ def build_training(cfg, device, rank, world):
     return teacher if cfg.fd_images else None, dataset, G, G_ema, D, opt_G, opt_D
 
 
-def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None):
-    batch_gpu = cfg.batch_gpu or min(cfg.batch // world, cfg.loss_batch)
-    if cfg.batch % (world * batch_gpu):
+def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None):
+    batch_gpu = effective_batch_gpu(cfg, world)
+    if batch_gpu < 1 or cfg.batch % (world * batch_gpu):
         raise SystemExit(f'error: --batch {cfg.batch} is not a multiple of {world} processes x --batch-gpu {batch_gpu}')
     if cfg.bench and cfg.preset not in BENCH_GEOMETRY:
         raise SystemExit(f'error: --bench needs one of the presets {", ".join(BENCH_GEOMETRY)}')
@@ -662,13 +844,10 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None):
     latent_gen = torch.Generator(device).manual_seed(cfg.seed)  # identical on every rank: each takes its rows
     step, tick, seen = 0, 0, 0
     if state is not None:
-        G.load_state_dict(state['G'])
-        G_ema.load_state_dict(state['G_ema'])
-        D.heads.load_state_dict(state['D'])
-        opt_G.load_state_dict(state['opt_G'])
-        opt_D.load_state_dict(state['opt_D'])
-        latent_gen.set_state(state['latent_gen'])
-        step, tick, seen = state['step'], state['tick'], state['seen']
+        if any('.parametrizations.' in k for k in state['D']):     # heads before gdd.SNConv2d (issue 12)
+            raise SystemExit('error: this training state comes from an older gdd-min whose discriminator heads used '
+                             'torch.nn.utils.parametrizations.spectral_norm; it cannot be resumed: start a new run')
+        step, tick, seen = load_training_state(state, state_path, G, G_ema, D, opt_G, opt_D, latent_gen)
         print(f'Resumed at iteration {step}, {seen / 1000:.3f} kimg')
         del state
 
@@ -696,8 +875,10 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None):
     z_grid, c_grid = fixed_latents(G, device=device)
     total, tick_images, start = round(cfg.kimg * 1000), round(cfg.tick * 1000), time.time()
     tick_seen, tick_time, sums, counts = seen, time.time(), {}, {}
+    last_state = state_path
     while seen < total:
         stats = iteration([next(data) for _ in range(num_chunks)], step, seen)
+        stats['nonfinite'] = (~torch.isfinite(stats['loss_G'] + stats['loss_D'])).float()    # NaN/inf iterations
         for k, v in stats.items():      # tensors: no host synchronisation until the tick
             sums[k], counts[k] = sums.get(k, 0) + v, counts.get(k, 0) + 1
         step, seen = step + 1, seen + cfg.batch
@@ -707,6 +888,8 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None):
             tick += 1
             keys = ['loss_G', 'loss_D', 'logits_real', 'logits_fake', 'r1']
             values = torch.stack([sums[k] / counts[k] if k in sums else torch.tensor(float('nan'), device=device) for k in keys])
+            # Fraction of this tick's iterations with non-finite losses; 1 if any parameter is NaN/inf.
+            values = torch.cat([values, torch.stack([sums['nonfinite'] / counts['nonfinite'], nonfinite_parameters(G, G_ema, D.heads)])])
             mem = torch.tensor([peak_memory_gb(device)], device=device)
             if world > 1:
                 torch.distributed.all_reduce(values)
@@ -726,15 +909,29 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None):
                       f'time {line["time"]:6.0f}s', flush=True)
                 with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:     # NaN (no R1 step in the tick) -> null
                     f.write(json.dumps({k: None if v != v else v for k, v in line.items()}) + '\n')
+            bad_losses, bad_params = values[-2:].tolist()     # the same on every rank (all-reduced)
+            if bad_params > 0 or bad_losses >= 1:         # nothing of this tick is written: the last state stays good
+                raise SystemExit(f'error: training stopped at tick {tick} (kimg {seen / 1000:.3f}, iteration {step}): '
+                                 + ('parameters became NaN/inf' if bad_params > 0 else 'the losses were NaN/inf in every iteration of the tick')
+                                 + (f'; the last good training state is {last_state}' if last_state else '; no training state was written')
+                                 + ' (lower --lr/--dlr?)')
+            if bad_losses > 0:
+                print(f'warning: non-finite losses in {bad_losses:.0%} of the iterations of tick {tick}')
+            if rank == 0:
                 if done or (cfg.snap and tick % cfg.snap == 0):
                     with torch.no_grad():
                         save_grid(to_uint8(gdd.generate(G_ema, z_grid, c_grid)), os.path.join(run_dir, f'samples-{seen // 1000:06d}.png'))
                     save_snapshot(G_ema, cfg, os.path.join(run_dir, f'network-snapshot-{seen // 1000:06d}.pt'))
                 if done or (cfg.state and tick % cfg.state == 0):
-                    save_training_state(run_dir, step, tick, seen, cfg, G, G_ema, D, opt_G, opt_D, latent_gen)
+                    last_state = save_training_state(run_dir, step, tick, seen, cfg, G, G_ema, D, opt_G, opt_D, latent_gen, batch_gpu)
     print(f'Training done: {step} iterations, {seen / 1000:.1f} kimg in {time.time() - start:.0f}s')
     if cfg.fd_images and rank == 0:
         evaluate_small(G_ema, teacher.to(device), dataset, cfg, run_dir, device)
+
+
+def nonfinite_parameters(*modules):
+    """1.0 when any parameter of the modules holds NaN or inf, else 0.0 (a tensor: no host synchronisation)."""
+    return torch.stack([~torch.isfinite(p).all() for m in modules for p in m.parameters()]).any().float()
 
 
 def bench(cfg, iteration, G, device, world, num_chunks, batch_gpu):
@@ -834,40 +1031,55 @@ def main(argv=None):
     cfg = parse_args(argv)
     if cfg.preset == 'toy-teacher':
         cfg.bench, cfg.resume = 0, ''
-    rank, world, device = init_distributed(cfg.device)
-    stdout = sys.stdout
+    stdout, lock = sys.stdout, RunLock()
     try:
-        path, state = find_training_state(cfg.resume, cfg.outdir, cfg.preset) if cfg.resume and rank == 0 else (None, None)
-        path = broadcast(path, rank)
-        if path and rank > 0:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-        run_dir = None
-        if rank == 0 and not cfg.bench:
-            run_dir = resume_run_dir(path, state, cfg) if path else make_run_dir(cfg)
-        run_dir = broadcast(run_dir, rank)
-        if rank == 0 and run_dir:
-            sys.stdout = Logger(os.path.join(run_dir, 'log.txt'))
-        elif rank > 0:
-            sys.stdout = open(os.devnull, 'w')      # rank 0 reports for everyone; errors still go to stderr
-        print(f'Preset {cfg.preset}, run directory {run_dir}, device {device}, {world} process(es)'
-              + (f', resuming from {path}' if path else ''))
-        print('Options: ' + json.dumps(vars(cfg)))
-        if cfg.preset == 'toy-teacher':
-            train_teacher(cfg, run_dir, device)
-        else:
-            result = train_gdd(cfg, run_dir, device, rank, world, state)
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()     # every rank done with its collectives before the group goes away
-            return result
-    except (OSError, ValueError) as e:     # missing or unreadable inputs, failed downloads: one line
-        raise SystemExit(f'error: {e}') from None
+        with cli_errors():
+            if not cfg.bench:           # unwritable outputs fail now, not after the training they would hold
+                sample_min.check_output(cfg.outdir, '--outdir', folder=True)
+                if cfg.export:
+                    sample_min.check_output(cfg.export, '--export')
+            rank, world, device = init_distributed(cfg.device)
+            # Rank 0 picks the state and the run folder and holds the folder's lock for the whole run.
+            path, state = find_training_state(cfg.resume, cfg.outdir, cfg.preset, lock) if cfg.resume and rank == 0 else (None, None)
+            path = broadcast(path, rank)
+            run_dir = None
+            if rank == 0 and not cfg.bench:
+                run_dir = os.path.dirname(os.path.abspath(path)) if path else make_run_dir(cfg)
+                lock.hold(run_dir)
+            run_dir = broadcast(run_dir, rank)
+            if rank == 0 and run_dir:
+                sys.stdout = Logger(os.path.join(run_dir, 'log.txt'))
+                remove_leftovers(run_dir)
+            elif rank > 0:
+                sys.stdout = open(os.devnull, 'w')      # rank 0 reports for everyone; errors still go to stderr
+            print(f'Preset {cfg.preset}, run directory {run_dir}, device {device}, {world} process(es)'
+                  + (f', resuming from {path}' if path else ''))
+            print('Options: ' + json.dumps(vars(cfg)))
+            if path:
+                state = state if rank == 0 else read_training_state(path)
+                check_training_state(state, path)
+                if rank == 0:
+                    resume_run_dir(path, state, cfg, world)
+            if cfg.preset == 'toy-teacher':
+                train_teacher(cfg, run_dir, device)
+            else:
+                result = train_gdd(cfg, run_dir, device, rank, world, state, path)
+                if torch.distributed.is_initialized():
+                    torch.distributed.barrier()     # every rank done with its collectives before the group goes away
+                return result
+    except SystemExit as e:
+        if isinstance(sys.stdout, Logger) and isinstance(e.code, str):
+            sys.stdout.file.write(e.code + '\n')        # the reason a run stopped, in its log too
+        raise
     finally:
         if sys.stdout is not stdout:
             sys.stdout.flush()
+            if isinstance(sys.stdout, Logger):
+                sys.stdout.file.close()
             sys.stdout = stdout
+        lock.release()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
 
 if __name__ == '__main__':
     main()

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fid_min  # noqa: E402
 from edm_pickle import dump_edm_pickle  # noqa: E402
-from train_min import save_dataset  # noqa: E402
+from dataset_min import save_dataset  # noqa: E402
 
 
 def test_feature_stats_match_numpy_and_batching():

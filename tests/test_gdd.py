@@ -286,3 +286,87 @@ def test_load_generator_all_formats(tmp_path):
     assert type(loaded).__name__ == 'EDMPrecond' and not isinstance(loaded, gdd.GDDPrecond)
     with torch.no_grad():
         torch.testing.assert_close(loaded(80 * z, torch.full([2], 80.0), c), teacher(80 * z, torch.full([2], 80.0), c))
+
+#----------------------------------------------------------------------------
+# Spectral norm of the mini-discriminators: the legacy torch.nn.utils.spectral_norm semantics (issue 12).
+
+def _legacy_pair(seed, c_in=6, c_out=5, stride=2, padding=1, bias=True):
+    torch.manual_seed(seed)
+    ours = gdd.SNConv2d(c_in, c_out, 4, stride, padding, bias=bias)
+    torch.manual_seed(seed)
+    ref = torch.nn.utils.spectral_norm(torch.nn.Conv2d(c_in, c_out, 4, stride, padding, bias=bias))
+    return ours, ref
+
+
+def _sigma(W, u, v):
+    return torch.dot(u, torch.mv(W.flatten(1), v))
+
+
+@pytest.mark.parametrize('bias, stride, padding', [(True, 2, 1), (False, 1, 0)])
+def test_spectral_norm_construction_has_no_warm_up(bias, stride, padding):
+    ours, ref = _legacy_pair(0, bias=bias, stride=stride, padding=padding)
+    assert list(ours.state_dict()) == list(ref.state_dict())        # bias?, weight_orig, weight_u, weight_v
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    # Random unit vectors straight from the RNG, no power iteration: u ~ N(0, I) normalised, then v.
+    torch.manual_seed(0)
+    torch.nn.Conv2d(6, 5, 4, stride, padding, bias=bias)                # the conv's own init draws first
+    u, v = torch.randn(5), torch.randn(6 * 16)
+    torch.testing.assert_close(ours.weight_u, u / u.norm(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(ours.weight_v, v / v.norm(), rtol=0, atol=1e-7)
+
+
+def test_spectral_norm_equals_torch_legacy_over_training_calls():
+    ours, ref = _legacy_pair(1)
+    diffs = {'sigma': 0.0, 'u': 0.0, 'v': 0.0, 'output': 0.0, 'grad_W': 0.0, 'grad_x': 0.0}
+    for call in range(5):
+        x = torch.randn(3, 6, 16, 16, generator=torch.Generator().manual_seed(call))
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        ys = [ours(xs[0]), ref(xs[1])]
+        for y, xx, m in zip(ys, xs, (ours, ref)):
+            (y.square().sum() + y.sum()).backward()
+        pairs = {'sigma': (_sigma(ours.weight_orig, ours.weight_u, ours.weight_v),
+                           _sigma(ref.weight_orig, ref.weight_u, ref.weight_v)),
+                 'u': (ours.weight_u, ref.weight_u), 'v': (ours.weight_v, ref.weight_v), 'output': tuple(ys),
+                 'grad_W': (ours.weight_orig.grad, ref.weight_orig.grad), 'grad_x': (xs[0].grad, xs[1].grad)}
+        for k, (a, b) in pairs.items():
+            diffs[k] = max(diffs[k], (a - b).abs().max().item())
+        ours.weight_orig.grad = ref.weight_orig.grad = None
+        with torch.no_grad():           # move W as training would, identically in both
+            step = torch.randn(ours.weight_orig.shape, generator=torch.Generator().manual_seed(100 + call)) * 1e-2
+            ours.weight_orig += step
+            ref.weight_orig += step
+    print('max |ours - torch legacy| over 5 training calls:', diffs)
+    assert all(d == 0 for d in diffs.values()), diffs
+    # Eval-mode calls use u and v without advancing them (as the legacy hook does).
+    ours.eval(), ref.eval()
+    u = ours.weight_u.clone()
+    x = torch.randn(2, 6, 16, 16)
+    assert torch.equal(ours(x), ref(x)) and torch.equal(ours.weight_u, u)
+
+
+def test_spectral_norm_power_iteration_order_is_v_then_u():
+    conv = gdd.SNConv2d(4, 3, 4, 2, 1)
+    W, u0, v0 = conv.weight_orig.detach().flatten(1), conv.weight_u.clone(), conv.weight_v.clone()
+    conv(torch.randn(1, 4, 8, 8))
+    v1 = W.t() @ u0
+    v1 = v1 / v1.norm()
+    u1 = W @ v1
+    u1 = u1 / u1.norm()
+    torch.testing.assert_close(conv.weight_v, v1)
+    torch.testing.assert_close(conv.weight_u, u1)
+    assert not torch.allclose(conv.weight_v, v0)
+
+
+def test_per_chunk_replay_restarts_the_spectral_norm_vectors():
+    # Two chunks of one rank start the phase's D calls from the same u, v (gdd.py section 4).
+    teacher, G, D, opt_G, opt_D = tiny_setup()
+    vectors = [b for m in D.heads.modules() if isinstance(m, gdd.SNConv2d) for b in (m.weight_u, m.weight_v)]
+    assert vectors and len(vectors) == 2 * sum(isinstance(m, gdd.SNConv2d) for m in D.heads.modules())
+    start = [b.clone() for b in vectors]
+    seen = []
+    for _ in gdd._per_call(D, [0, 1, 2]):
+        seen.append([b.clone() for b in vectors])
+        D(torch.rand(2, 3, 16, 16) * 2 - 1, torch.eye(10)[[0, 1]])     # advances u, v
+    for snapshot in seen:
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, start))

@@ -15,7 +15,7 @@ import gdd  # noqa: E402
 import sample_min  # noqa: E402
 from edm_pickle import dump_edm_pickle  # noqa: E402
 from test_fid import StandInDetector  # noqa: E402
-from train_min import save_dataset  # noqa: E402
+from dataset_min import save_dataset  # noqa: E402
 
 TINY = dict(img_resolution=8, img_channels=3, label_dim=4, model_type='SongUNet', model_channels=16, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[4], dropout=0, embedding_type='fourier', channel_mult_noise=2,
@@ -145,3 +145,12 @@ def test_no_arguments_samples_the_shipped_toy_generator(tmp_path, monkeypatch, c
     assert 'one-step generator, 64 images' in out and 'images/s' in out
     grid = np.asarray(PIL.Image.open(tmp_path / 'runs' / 'samples.png'))
     assert grid.shape[2] == 3 and grid.shape[0] >= 8 * 32 and grid.std() > 10   # 8x8 tiles of 32x32, not blank
+
+
+def test_seed_lists_are_bounded():
+    import argparse
+    assert sample_min.parse_seeds('0-2,7') == [0, 1, 2, 7]
+    with pytest.raises(argparse.ArgumentTypeError, match='more than 10,000,000 seeds'):
+        sample_min.parse_seeds('0-999999999999')        # would otherwise build a list of 10^12 ints
+    with pytest.raises(argparse.ArgumentTypeError, match='bad seed list'):
+        sample_min.parse_seeds('5-1')

@@ -142,6 +142,22 @@ def test_resume_continues_bit_for_bit(tmp_path):
         train_min.main([*args, '--outdir', str(tmp_path / 'b'), '--resume', 'auto', '--batch', '8'])
 
 
+def test_state_with_old_spectral_norm_layout_is_refused(tmp_path):
+    # States written when the heads used torch.nn.utils.parametrizations.spectral_norm (before gdd.SNConv2d).
+    args = _setup(tmp_path)
+    train_min.main([*args, '--outdir', str(tmp_path / 'a'), '--kimg', '0.004', '--tick', '0.004'])
+    path = train_min.training_states(str(tmp_path / 'a' / '00000-toy'))[0]
+    state = _load(path)
+    rename = {'weight_orig': 'parametrizations.weight.original', 'weight_u': 'parametrizations.weight.0._u',
+              'weight_v': 'parametrizations.weight.0._v'}
+    state['D'] = {(k.rsplit('.', 1)[0] + '.' + rename[k.rsplit('.', 1)[1]] if k.rsplit('.', 1)[1] in rename else k): v
+                  for k, v in state['D'].items()}
+    edm_nets.atomic_save(state, path)
+    os.remove(path + '.sha256')         # older versions wrote no checksum (this one would say the file changed)
+    with pytest.raises(SystemExit, match='older gdd-min .*parametrizations.spectral_norm'):
+        train_min.main([*args, '--outdir', str(tmp_path / 'a'), '--kimg', '0.008', '--tick', '0.004', '--resume', path])
+
+
 def test_cut_off_training_state_is_never_picked(tmp_path, capsys):
     run = tmp_path / 'run'
     run.mkdir()

@@ -1,0 +1,51 @@
+"""The project's files import one way, base to top (README: Files):
+    edm_nets / dataset_min <- backbones <- gdd <- sample_min <- fid_min <- train_min
+Checked on the source with ast, so nothing is imported or run."""
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LEVEL = {'edm_nets': 0, 'dataset_min': 0, 'backbones': 1, 'gdd': 2, 'sample_min': 3, 'fid_min': 4, 'train_min': 5}
+
+
+def project_imports(tree):
+    """(module name, node, at top level?) for every import of a project file."""
+    top = set(map(id, tree.body))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name.split('.')[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module.split('.')[0]]
+        else:
+            continue
+        for name in names:
+            if name in LEVEL:
+                yield name, node, id(node) in top
+
+
+def test_every_top_level_file_is_in_the_chain():
+    files = {f[:-3] for f in os.listdir(ROOT) if f.endswith('.py')}
+    assert files == set(LEVEL), 'a new top-level file must get a place in the import chain'
+
+
+def test_imports_point_down_the_chain_and_sit_at_the_top():
+    bad = []
+    for module, level in LEVEL.items():
+        path = os.path.join(ROOT, module + '.py')
+        with open(path, encoding='utf-8') as f:
+            tree = ast.parse(f.read(), path)
+        for name, node, at_top in project_imports(tree):
+            if LEVEL[name] >= level:
+                bad.append(f'{module}.py:{node.lineno} imports {name} (not to its left)')
+            if not at_top:
+                bad.append(f'{module}.py:{node.lineno} imports {name} inside a function or block')
+    assert not bad, '\n'.join(bad)
+
+
+def test_dataset_min_needs_only_stdlib_numpy_pillow():
+    with open(os.path.join(ROOT, 'dataset_min.py'), encoding='utf-8') as f:
+        tree = ast.parse(f.read())
+    roots = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not roots & {'torch', 'scipy', *LEVEL}, roots

@@ -344,9 +344,14 @@ SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.f
                       'U8': torch.uint8, 'BOOL': torch.bool}
 
 
+SAFETENSORS_MAX_HEADER = 100 * 2**20   # the format's own limit on the JSON header
+
+
 def read_safetensors(path):
     """Read a .safetensors file: u64 little-endian header size N, N bytes of JSON {name: {dtype, shape,
-    data_offsets: [begin, end]}} (plus optional __metadata__), then the raw little-endian C-order bytes."""
+    data_offsets: [begin, end]}} (plus optional __metadata__), then the raw little-endian C-order bytes.
+    Checked as the format requires: header within the file and at most 100 MB, no duplicate names, int shapes,
+    and the data ranges, sorted, must tile the data section exactly (no overlap, no gap, nothing after)."""
     if sys.byteorder != 'little':
         raise ValueError('reading safetensors needs a little-endian machine')
     with open(path, 'rb') as f:
@@ -355,43 +360,63 @@ def read_safetensors(path):
     if len(data) < 8:
         raise ValueError(f'{path}: not a safetensors file (too short)')
     n = int.from_bytes(data[:8], 'little')
-    if n > len(data) - 8:
-        raise ValueError(f'{path}: safetensors header size {n} exceeds the file')
+    if n > min(len(data) - 8, SAFETENSORS_MAX_HEADER):
+        raise ValueError(f'{path}: safetensors header size {n} exceeds the file or the 100 MB limit')
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f'duplicate name {next(k for k in keys if keys.count(k) > 1)!r}')
+        return dict(pairs)
     try:
-        header = json.loads(bytes(data[8:8 + n]).decode('utf-8'))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f'{path}: safetensors header is not JSON ({e})') from None
+        header = json.loads(bytes(data[8:8 + n]).decode('utf-8'), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f'{path}: safetensors header is not valid JSON ({str(e)[:200]})') from None
     if not isinstance(header, dict):
         raise ValueError(f'{path}: safetensors header is not a JSON object')
-    base, out = 8 + n, {}
+    base, entries = 8 + n, []
     for name, info in header.items():
         if name == '__metadata__':
             continue
-        try:
-            dtype, shape = SAFETENSORS_DTYPES[info['dtype']], [int(s) for s in info['shape']]
-            begin, end = (int(o) for o in info['data_offsets'])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f'{path}: bad safetensors entry for {name!r}: {info}') from None
+        ok = isinstance(info, dict) and info.get('dtype') in SAFETENSORS_DTYPES and isinstance(info.get('shape'), list)
+        shape, offsets = (info.get('shape'), info.get('data_offsets')) if ok else (None, None)
+        ok = ok and len(shape) <= 16 and all(type(s) is int and s >= 0 for s in shape) and isinstance(offsets, list) \
+            and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]
+        if not ok:
+            raise ValueError(f'{path}: bad safetensors entry for {name!r:.80}: {str(info)[:200]}')
+        dtype = SAFETENSORS_DTYPES[info['dtype']]
+        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f'{path}: safetensors entry {name!r:.80} has {offsets[1] - offsets[0]} bytes for shape {shape} {info["dtype"]}')
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    entries.sort()
+    pos = 0
+    for begin, end, name, _, _ in entries:
+        if begin != pos:
+            raise ValueError(f'{path}: safetensors data of {name!r:.80} starts at {begin}, expected {pos} '
+                             f'({"overlaps the previous tensor" if begin < pos else "a gap"})')
+        pos = end
+    if pos != len(data) - base:
+        raise ValueError(f'{path}: safetensors data section has {len(data) - base} bytes, the header describes {pos}')
+    out = {}
+    for begin, _, name, dtype, shape in entries:
         numel = math.prod(shape)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if min(shape, default=0) < 0 or not (0 <= begin <= end <= len(data) - base) or end - begin != nbytes:
-            raise ValueError(f'{path}: safetensors entry {name!r} has bad offsets/shape {info}')
         t = torch.frombuffer(data, dtype=dtype, count=numel, offset=base + begin) if numel else torch.empty(0, dtype=dtype)
         out[name] = t.reshape(shape)
     return out
 
 
 def read_state_dict(path):
-    """Flat name -> tensor dict from a .safetensors file or a torch.save'd state dict (loaded with
-    weights_only=True: no code from the file runs). The legacy DeiT release nests it under 'model'."""
+    """Flat name -> tensor dict from a .safetensors file or a torch.save'd state dict (edm_nets.load_torch_file:
+    validated torch.load with weights_only=True, no code from the file runs). The legacy DeiT release nests it
+    under 'model'."""
     with open(path, 'rb') as f:
         head = f.read(9)
     if str(path).endswith('.safetensors') or (len(head) == 9 and head[8:9] == b'{'):
         return read_safetensors(path)
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+    sd = edm_nets.load_torch_file(path)
     if isinstance(sd, dict) and isinstance(sd.get('model'), dict):
         sd = sd['model']
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise ValueError(f'{path}: not a state dict (expected a dict of name -> tensor)')
     return sd
 
@@ -423,12 +448,16 @@ def load_weights_(net, name, source):
     own = {k: v for k, v in net.state_dict().items() if net.is_pretrained_key(k)}
     missing = [k for k in own if k not in sd and not k.endswith('num_batches_tracked')]
     unexpected = [k for k in sd if k not in own and not k.startswith(net.head_prefixes)]
-    wrong = [f'{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}' for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    wrong = [f'{k} {tuple(sd[k].shape)} {sd[k].dtype} vs {tuple(v.shape)} {v.dtype}' for k, v in own.items()
+             if k in sd and (sd[k].shape != v.shape or sd[k].dtype != v.dtype)]   # no silent casts
     if missing or unexpected or wrong:
         def few(ks):
             return ', '.join(ks[:4]) + (f' (+{len(ks) - 4} more)' if len(ks) > 4 else '')
         raise ValueError(f'{path} is not a {name} state dict: missing [{few(missing)}], unexpected [{few(unexpected)}], '
-                         f'shape mismatch [{few(wrong)}]')
+                         f'shape or dtype mismatch [{few(wrong)}]')
+    for k in own:
+        if k in sd and not edm_nets.all_finite(sd[k]):
+            raise ValueError(f'{path}: tensor {k} has non-finite values (NaN or inf)')
     for k, v in own.items():
         v.copy_(sd[k] if k in sd else torch.zeros_like(v))
 

@@ -26,8 +26,8 @@ network's forward pass is; only the pickle layer is reduced to plain data.
 
 import argparse
 import io
+import math
 import os
-import zipfile
 
 import numpy as np
 import scipy.linalg
@@ -106,26 +106,23 @@ DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretraine
 EDM_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 
 
-def _torchscript_blobs(obj, depth=0):
-    """Every bytes value inside unpickled data that looks like a zip archive (a torch.jit.save stream)."""
-    if isinstance(obj, (bytes, bytearray)):
-        return [bytes(obj)] if bytes(obj[:4]) == b'PK\x03\x04' else []
-    if depth > 50 or isinstance(obj, (str, torch.Tensor)):
-        return []
-    if isinstance(obj, dict):
-        children = list(obj.values())
-    elif isinstance(obj, (list, tuple, set)):
-        children = list(obj)
-    elif hasattr(obj, '__dict__'):
-        children = list(vars(obj).values())
-    else:
-        return []
-    return [blob for child in children for blob in _torchscript_blobs(child, depth + 1)]
+def _torchscript_blobs(data):
+    """Every bytes value inside read_pickle data that looks like a zip archive (a torch.jit.save stream); each
+    object is visited once (edm_nets.pickle_values), so a pickle of shared children cannot make this hang."""
+    return [bytes(v) for v in edm_nets.pickle_values(data) if isinstance(v, (bytes, bytearray)) and bytes(v[:4]) == b'PK\x03\x04']
+
+
+TORCHSCRIPT_MAX_CODE = 64 * 2**20  # bytes of (deflated) TorchScript code a detector archive may declare
 
 
 def load_detector(source=DETECTOR_URL, device='cpu'):
     """Feature detector from a TorchScript file or a pickle holding one (see the module docstring)."""
-    path = edm_nets.open_url(source)
+    try:
+        path = edm_nets.open_url(source)
+    except FileNotFoundError:
+        raise
+    except OSError as e:   # offline: say what to download and how to pass it
+        raise OSError(f'{str(e).splitlines()[0]} (fid_min.py: --detector PATH)') from None
     with open(path, 'rb') as fh:
         is_zip = fh.read(4) == b'PK\x03\x04'     # not zipfile.is_zipfile: a pickle holding an archive passes that
     if is_zip and not _is_torchscript(path):      # a torch.save archive of plain weights (toy detector section)
@@ -139,6 +136,8 @@ def load_detector(source=DETECTOR_URL, device='cpu'):
             raise ValueError(f'{source}: expected one TorchScript archive inside the pickle, found {len(blobs)} '
                              f'(its Python source is never executed); use the TorchScript file {DETECTOR_URL}')
         archive = io.BytesIO(blobs[0])
+        archive.name = f'{source} (TorchScript archive inside)'
+    edm_nets.check_torch_zip(archive, TORCHSCRIPT_MAX_CODE)   # member sizes within the file before torch reads it
     try:
         detector = torch.jit.load(archive, map_location=device)
     except RuntimeError as e:
@@ -156,16 +155,51 @@ def detect(detector, images):
 #----------------------------------------------------------------------------
 # Image sources. Each rank takes every world-th image; statistics are summed across ranks afterwards.
 
+NPZ_IMAGES_MAX_BYTES = 4 * 2**30  # declared size of an image npz (decompressed twice, one image in memory at a time)
+
+
+class _NpzImages:
+    """uint8 images [N, H, W, C] of an npz (key "images", or "arr_0"), header checked before anything is
+    decompressed; image i comes out as [C, H, W]. The member is decompressed front to back as image_batches
+    asks for increasing indices, so memory holds one image whatever the file declares (a 1 MB deflated npz can
+    declare a 1 GB array); one full pass first verifies the CRC, so a corrupt file is never used."""
+    def __init__(self, path):
+        self.npz = edm_nets.NpzFile(path)
+        self.key = next((k for k in ('images', 'arr_0') if k in self.npz.files), None)
+        if self.key is None:
+            raise ValueError(f'{path}: no "images" (or "arr_0") array; keys: {", ".join(self.npz.files) or "none"}')
+        f, shape, dtype, fortran = self.npz.open(self.key)
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3) or shape[1] != shape[2] or not 1 <= shape[1] <= 4096 or fortran:
+            raise ValueError(f'{path}: images must be uint8 [N, H, W, C] with H == W <= 4096 and C in (1, 3), '
+                             f'got {dtype} {list(shape)}')
+        if math.prod(shape) > NPZ_IMAGES_MAX_BYTES:
+            raise ValueError(f'{path}: {list(shape)} images declare {math.prod(shape):,} bytes, more than the limit of '
+                             f'{NPZ_IMAGES_MAX_BYTES:,} (fid_min.NPZ_IMAGES_MAX_BYTES)')
+        self.shape, self.size = shape, math.prod(shape[1:])
+        for done in range(0, math.prod(shape), 1 << 20):   # CRC check of the whole member, 1 MiB at a time
+            self.npz.read(f, min(1 << 20, math.prod(shape) - done))
+        f.close()
+        self.file, self.next = None, 0
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, i):
+        if self.file is None or i < self.next:     # (re)start at the first image
+            if self.file is not None:
+                self.file.close()
+            self.file, self.next = self.npz.open(self.key)[0], 0
+        while self.next < i:                       # skip, at most 1 MiB at a time
+            skip = min(i - self.next, max(1, (1 << 20) // self.size))
+            self.npz.read(self.file, skip * self.size)
+            self.next += skip
+        image = np.frombuffer(self.npz.read(self.file, self.size), np.uint8).reshape(self.shape[1:])
+        self.next = i + 1
+        return image.transpose(2, 0, 1)           # HWC -> CHW
+
+
 def _load_npz_images(path):
-    with np.load(path, allow_pickle=False) as f:
-        key = next((k for k in ('images', 'arr_0') if k in f.files), None)
-        if key is None:
-            raise ValueError(f'{path}: no "images" (or "arr_0") array; keys: {", ".join(f.files) or "none"}')
-        images = f[key]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or images.shape[1] != images.shape[2]:
-        raise ValueError(f'{path}: images must be uint8 [N, H, W, C] with H == W and C in (1, 3), '
-                         f'got {images.dtype} {list(images.shape)}')
-    return images.transpose(0, 3, 1, 2)                                 # NHWC -> NCHW
+    return _NpzImages(path)
 
 
 def image_batches(source, num=None, batch=64, rank=0, world=1, device='cpu'):
@@ -203,18 +237,26 @@ def compute_stats(batches, detector, device='cpu', total=None, rank=0):
     return stats.reduce()
 
 
+REF_MAX_DIM = 4096  # feature dimension D of reference statistics (Inception-v3: 2048)
+
+
 def load_ref(source):
-    """(mu, sigma) of an EDM reference npz, path or URL."""
+    """(mu, sigma) of an EDM reference npz, path or URL: float arrays mu [D], sigma [D, D] with D <= REF_MAX_DIM,
+    checked from their headers before anything is decompressed, and finite (FID of NaN statistics is no result)."""
+    if not str(source).split('?')[0].lower().endswith('.npz'):
+        raise ValueError(f'{source}: reference statistics must be an .npz file (arrays mu and sigma, as EDM publishes)')
     path = edm_nets.open_url(source)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if 'mu' not in f.files or 'sigma' not in f.files:
-                raise ValueError(f'{source}: reference statistics need arrays mu and sigma; keys: {", ".join(f.files) or "none"}')
-            mu, sigma = f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f'{source}: not an npz file ({e})') from None
-    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-        raise ValueError(f'{source}: mu must be [D] and sigma [D, D], got {list(mu.shape)} and {list(sigma.shape)}')
+    with edm_nets.NpzFile(path) as f:
+        if 'mu' not in f.files or 'sigma' not in f.files:
+            raise ValueError(f'{source}: reference statistics need arrays mu and sigma; keys: {", ".join(f.files) or "none"}')
+        (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = (f.open(k)[1:3] for k in ('mu', 'sigma'))
+        d = mu_shape[0] if len(mu_shape) == 1 else -1
+        if not 1 <= d <= REF_MAX_DIM or tuple(sigma_shape) != (d, d) or mu_dtype.kind != 'f' or sigma_dtype.kind != 'f':
+            raise ValueError(f'{source}: mu must be float [D] and sigma float [D, D] with D <= {REF_MAX_DIM}, '
+                             f'got {mu_dtype} {list(mu_shape)} and {sigma_dtype} {list(sigma_shape)}')
+        mu, sigma = f.array('mu', 8 * d).astype(np.float64), f.array('sigma', 8 * d * d).astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f'{source}: mu or sigma contains NaN or inf')
     return mu, sigma
 
 

@@ -12,7 +12,6 @@ the method reference (formulas, hyperparameters, quirks of the official code).
 
 import copy
 import math
-import zipfile
 
 import numpy as np
 import torch
@@ -86,26 +85,35 @@ def generate(G, z, class_labels=None):
 def load_generator(source, device='cpu'):
     """A generator for sampling, in eval mode: a gdd-min checkpoint ('ema'), an official GDD/D2O release pickle
     (class D2OPrecond, rebuilt as GDDPrecond), or an EDM teacher pickle (returned as its EDM wrapper; tell them
-    apart with isinstance(net, GDDPrecond)). Nothing in the file is executed."""
+    apart with isinstance(net, GDDPrecond)). Nothing in the file is executed, and everything is validated by
+    edm_nets (file structure, init_kwargs, state_dict names / shapes / dtypes, finite values)."""
     path = edm_nets.open_url(source)
-    if zipfile.is_zipfile(path):
+    if edm_nets.is_zip(path):
         return _fp32(edm_nets.load_network(path, classes={'GDDPrecond': GDDPrecond}, device=device))
     data = edm_nets.read_pickle(path)
     ema = data.get('ema') if isinstance(data, dict) else None
     if not isinstance(ema, edm_nets.Persistent):
         raise ValueError(f'{path}: no network under key "ema"')
-    state_dict = edm_nets.persistent_state_dict(ema)
-    if ema.class_name != 'D2OPrecond':
-        return _fp32(edm_nets.build_network(ema.class_name, ema.init_kwargs, state_dict).eval().to(device))
-    # The release's wrapper = EDM-style preconditioning with eps = 0.002 around the U-Net child 'model'.
-    model = ema.state['_modules']['model']
-    attr = lambda k, default=None: ema.state.get(k, ema.init_kwargs.get(k, default))
-    model_kwargs = {k: v for k, v in model.init_kwargs.items()
-                    if k not in ('img_resolution', 'in_channels', 'out_channels', 'label_dim')}
-    kwargs = dict(img_resolution=attr('img_resolution'), img_channels=attr('img_channels'), label_dim=attr('label_dim', 0),
-                  use_fp16=bool(attr('use_fp16', False)), sigma_data=attr('sigma_data', 0.5),
-                  model_type=model.class_name, **model_kwargs)
-    return _fp32(edm_nets.build_network('GDDPrecond', kwargs, state_dict, classes={'GDDPrecond': GDDPrecond}).eval().to(device))
+    if ema.init_args:
+        raise ValueError(f'{path}: positional init_args (EDM passes every constructor argument by name)')
+    try:
+        state_dict = edm_nets.persistent_state_dict(ema)     # also checks the module tree's structure
+        if ema.class_name != 'D2OPrecond':
+            return _fp32(edm_nets.build_network(ema.class_name, ema.init_kwargs, state_dict).eval().to(device))
+        # The release's wrapper = EDM-style preconditioning with eps = 0.002 around the U-Net child 'model'.
+        model = ema.state.get('_modules', {}).get('model')
+        if not isinstance(model, edm_nets.Persistent):
+            raise ValueError('D2OPrecond without a U-Net child "model"')
+        attr = lambda k, default=None: ema.state.get(k, ema.init_kwargs.get(k, default))
+        model_kwargs = {k: v for k, v in model.init_kwargs.items()
+                        if k not in ('img_resolution', 'in_channels', 'out_channels', 'label_dim')}
+        kwargs = dict(img_resolution=attr('img_resolution'), img_channels=attr('img_channels'), label_dim=attr('label_dim', 0),
+                      use_fp16=bool(attr('use_fp16', False)), sigma_data=attr('sigma_data', 0.5),
+                      model_type=model.class_name, **model_kwargs)
+        net = edm_nets.build_network('GDDPrecond', kwargs, state_dict, classes={'GDDPrecond': GDDPrecond})
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from None
+    return _fp32(net.eval().to(device))
 
 
 def _fp32(net):

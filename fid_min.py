@@ -28,6 +28,7 @@ import argparse
 import io
 import math
 import os
+import zipfile
 
 import numpy as np
 import scipy.linalg
@@ -315,10 +316,7 @@ def _is_torchscript(path):
 def load_toy_classifier(path, device='cpu'):
     """A ToyClassifier in eval mode from a gdd-min toy-classifier file. The architecture is checked against the
     stored weights on the meta device (no memory) before anything is allocated."""
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # weights_only refusals are pickle errors, corrupt archives RuntimeErrors
-        raise ValueError(f'{path}: not a readable torch file ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})') from None
+    ckpt = edm_nets.load_torch_file(path)     # validated torch.load (weights_only), one-line errors
     if not isinstance(ckpt, dict) or ckpt.get('format') != TOY_CLASSIFIER_FORMAT:
         raise ValueError(f'{path}: a torch archive, but not a {TOY_CLASSIFIER_FORMAT} file (nor a TorchScript detector)')
     kwargs, state = ckpt.get('init_kwargs'), ckpt.get('state_dict')

@@ -13,7 +13,6 @@ the method reference (formulas, hyperparameters, quirks of the official code).
 import copy
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

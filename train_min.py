@@ -630,10 +630,7 @@ def read_training_state(path):
         note = verify_training_state(path)
     except OSError as e:        # unreadable (a folder of that name, no permission, ...)
         raise ValueError(f'{path}: {sample_min.error_line(e)}') from None
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:      # a damaged file can fail anywhere inside torch.load
-        raise ValueError(f'{path}: {sample_min.error_line(e)}') from None
+    state = edm_nets.load_torch_file(path)     # validated torch.load: bounded by what the file holds, one-line errors
     if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
         raise ValueError(f'{path}: not a gdd-min training state')
     if note:

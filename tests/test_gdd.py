@@ -1,7 +1,6 @@
 """Tests for gdd.py: the generator and its initialisation, freezing counts of the paper, the discriminator,
 loss signs and reductions, R1, EMA arithmetic and loading of official-format pickles."""
 
-import io
 import math
 import os
 import sys

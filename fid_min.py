@@ -318,7 +318,7 @@ def load_toy_classifier(path, device='cpu'):
     stored weights on the meta device (no memory) before anything is allocated."""
     ckpt = edm_nets.load_torch_file(path)     # validated torch.load (weights_only), one-line errors
     if not isinstance(ckpt, dict) or ckpt.get('format') != TOY_CLASSIFIER_FORMAT:
-        raise ValueError(f'{path}: a torch archive, but not a {TOY_CLASSIFIER_FORMAT} file (nor a TorchScript detector)')
+        raise ValueError(f'{path}: not a TorchScript module, nor a {TOY_CLASSIFIER_FORMAT} file (a torch.save archive of something else)')
     kwargs, state = ckpt.get('init_kwargs'), ckpt.get('state_dict')
     ok = (isinstance(kwargs, dict) and set(kwargs) == {'img_resolution', 'img_channels', 'num_classes', 'channels'}
           and all(isinstance(kwargs[k], int) and 1 <= kwargs[k] <= 4096 for k in ('img_resolution', 'img_channels', 'num_classes'))

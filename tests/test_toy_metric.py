@@ -78,7 +78,7 @@ def test_bad_classifier_files_are_refused(tmp_path):
         'shapes': {**good, 'init_kwargs': {**good['init_kwargs'], 'channels': [16, 32, 65]}},
         'missing': {**good, 'state_dict': {k: v for k, v in good['state_dict'].items() if k != 'fc.weight'}},
     }
-    messages = {'format': 'not a gdd-min-toy-classifier file', 'kwargs': 'bad init_kwargs',
+    messages = {'format': 'nor a gdd-min-toy-classifier file', 'kwargs': 'bad init_kwargs',
                 'shapes': 'do not match its init_kwargs', 'missing': r'do not match .*fc\.weight'}
     for name, ckpt in cases.items():
         edm_nets.atomic_save(ckpt, tmp_path / f'{name}.pt')

@@ -662,6 +662,7 @@ class _Unpickler(pickle._Unpickler):
     def __init__(self, file, end, allowed=frozenset(), buildable=frozenset(), persistent_ids=None, what='this format'):
         super().__init__(_BoundedReader(file, end))
         self.allowed, self.buildable, self.persistent_ids, self.what, self.ops = allowed, buildable, persistent_ids, what, 0
+        self.ordered_dicts = {}     # id -> the plain dicts made for OrderedDict(): they take one BUILD, ignored
 
     def find_class(self, module, name):
         if self.allowed is not None and (module, name) not in self.allowed:
@@ -680,7 +681,9 @@ class _Unpickler(pickle._Unpickler):
         if type(func) is not _Global or type(args) is not tuple:
             raise UnsafePickleError(f'refusing {op} of {_describe(func)} (only named globals are called, as records)')
         if (func.module, func.name) == ('collections', 'OrderedDict') and not args:
-            return {}  # a plain dict (ordered); its items follow as SETITEMS
+            d = {}  # a plain dict (ordered); its items follow as SETITEMS
+            self.ordered_dicts[id(d)] = d
+            return d
         return _Call(func, args)
 
     def _reduce(self):
@@ -700,6 +703,8 @@ class _Unpickler(pickle._Unpickler):
     def _build(self):
         state = self.stack.pop()
         inst = self.stack[-1]
+        if type(inst) is dict and self.ordered_dicts.pop(id(inst), None) is inst and type(state) is dict:
+            return      # a module state_dict's attributes (its '_metadata' versions): our own dict, nothing to set
         if type(inst) is not _Call or (self.buildable is not None and inst.key() not in self.buildable):
             names = ', '.join(sorted(f'{m}.{n}' for m, n in self.buildable or ()))
             allowed = 'call records' if self.buildable is None else f'records of {names}' if names else 'nothing in this format'

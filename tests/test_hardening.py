@@ -573,3 +573,14 @@ def test_module_records_must_be_well_formed(tmp_path):
         (tmp_path / 'n.pkl').write_bytes(dumps({'ema': obj}))
         for load in (edm_nets.load_network, gdd.load_generator):
             refused(load, tmp_path / 'n.pkl', match=f'n.pkl: .*{match}')
+
+
+def test_module_state_dicts_with_metadata_load(tmp_path):
+    # torch.save of a module's state_dict (an OrderedDict carrying '_metadata', as torchvision's .pth releases and
+    # our training states are): the inert pre-read accepts its one BUILD, and the result is what torch.load gives.
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    torch.save(net.state_dict(), tmp_path / 'sd.pth')
+    torch.save({'G': net.state_dict(), 'opt': torch.optim.Adam(net.parameters()).state_dict()}, tmp_path / 'state.pt')
+    loaded = edm_nets.load_torch_file(tmp_path / 'sd.pth')
+    assert list(loaded) == list(net.state_dict()) and all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
+    assert set(edm_nets.load_torch_file(tmp_path / 'state.pt')) == {'G', 'opt'}

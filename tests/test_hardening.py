@@ -136,7 +136,9 @@ def test_writes_into_allowed_globals_are_refused_and_change_nothing(tmp_path):
     good = tmp_path / 'good.pkl'
     good.write_bytes(edm_pickle_bytes(net))
     with torch.no_grad():
-        assert torch.equal(edm_nets.load_network(good)(d['x'], d['sigma'], d['class_labels']), d['out'])
+        # Bitwise against the same network in this process (the EDM fixture's output is matched to a tolerance
+        # in test_edm_nets.py: other CPUs' kernels differ in the last bits).
+        assert torch.equal(edm_nets.load_network(good)(d['x'], d['sigma'], d['class_labels']), net(d['x'], d['sigma'], d['class_labels']))
 
 
 def test_the_build_attack_is_real_for_an_ordinary_unpickler():

@@ -136,8 +136,8 @@ def test_writes_into_allowed_globals_are_refused_and_change_nothing(tmp_path):
     good = tmp_path / 'good.pkl'
     good.write_bytes(edm_pickle_bytes(net))
     with torch.no_grad():
-        # Bitwise against the same network in this process (the EDM fixture's output is matched to a tolerance
-        # in test_edm_nets.py: other CPUs' kernels differ in the last bits).
+        # Bitwise against the same network in this process; EDM's stored outputs are checked in test_edm_nets.py
+        # (other CPUs' kernels differ from them in the last bits).
         assert torch.equal(edm_nets.load_network(good)(d['x'], d['sigma'], d['class_labels']), net(d['x'], d['sigma'], d['class_labels']))
 
 
@@ -419,7 +419,7 @@ def test_edm_fixtures_still_load_exactly(tmp_path):
         (tmp_path / 'n.pkl').write_bytes(edm_pickle_bytes(net))
         with torch.no_grad():
             out = edm_nets.load_network(tmp_path / 'n.pkl')(d['x'], d['sigma'], d['class_labels'])
-            assert torch.equal(out, net(d['x'], d['sigma'], d['class_labels']))    # bitwise in this process   # (EDM's output: test_edm_nets.py)
+            assert torch.equal(out, net(d['x'], d['sigma'], d['class_labels']))    # bitwise; EDM's outputs: test_edm_nets.py
 
 
 def write_npz(path, **arrays):

@@ -262,10 +262,7 @@ def load_ref(source):
 
 
 def save_ref(path, mu, sigma):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        np.savez(f, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
+    sample_min.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 #----------------------------------------------------------------------------
 # Toy detector: the toy demo's Inception. A small CNN classifier of the 10 toy classes of shapes, trained by

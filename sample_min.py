@@ -156,7 +156,8 @@ def _to_pil(image):
     return PIL.Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
 
 
-def _atomic(path, write):
+def atomic_write(path, write):
+    """write(f) into a temporary file next to path, then rename: never a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
     try:
@@ -177,7 +178,7 @@ def save_grid(images, path):
     for i, image in enumerate(images):
         r, q = divmod(i, cols)
         grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = image
-    _atomic(path, lambda f: _to_pil(grid).save(f, format='png'))
+    atomic_write(path, lambda f: _to_pil(grid).save(f, format='png'))
 
 #----------------------------------------------------------------------------
 # Expected errors -> one line, shared by the three CLIs (sample_min, fid_min, train_min). Bad input (a missing
@@ -291,7 +292,7 @@ def _sample(args, rank, world, device):
         if args.outdir:
             for seed, image in zip(batch_seeds, images):
                 path = os.path.join(args.outdir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png')
-                _atomic(path, lambda f: _to_pil(image).save(f, format='png'))
+                atomic_write(path, lambda f: _to_pil(image).save(f, format='png'))
         if args.grid or args.npz:
             kept.extend(zip(batch_seeds, images))
         if rank == 0:
@@ -308,7 +309,7 @@ def _sample(args, rank, world, device):
             print(f'grid of {len(kept)} images: {args.grid}')
         if args.npz:
             images = np.stack([x.transpose(1, 2, 0) for _, x in kept])
-            _atomic(args.npz, lambda f: np.savez_compressed(f, images=images, seeds=np.array([s for s, _ in kept])))
+            atomic_write(args.npz, lambda f: np.savez_compressed(f, images=images, seeds=np.array([s for s, _ in kept])))
             print(f'{len(kept)} images: {args.npz}')
         if args.outdir:
             print(f'PNGs: {args.outdir}')

@@ -383,13 +383,18 @@ def save_grid(images, path, cols=8):
     for i, x in enumerate(images.cpu().numpy()):
         grid[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = x.transpose(1, 2, 0)
     image = PIL.Image.fromarray(grid[:, :, 0] if c == 1 else grid)
-    tmp = f'{path}.tmp{os.getpid()}.png'
-    image.save(tmp)
-    os.replace(tmp, path)
+    sample_min.atomic_write(path, lambda f: image.save(f, format='png'))
 
 #----------------------------------------------------------------------------
 # The toy teacher: EDM's training loss (EDM paper Eq. 2 and Table 1: ln sigma ~ N(P_mean, P_std^2),
 # lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2), Adam, EMA with EDM's ramp (the same formula as gdd.ema_beta).
+
+def stop_if_nonfinite(loss, seen, *modules):
+    # The toy teacher and classifier loops check at each progress line; nothing is saved from a diverged run.
+    if not torch.isfinite(loss) or nonfinite_parameters(*modules) > 0:
+        raise SystemExit(f'error: training stopped at kimg {seen / 1000:.3f}: '
+                         + ('the loss' if not torch.isfinite(loss) else 'the parameters') + ' became NaN/inf (lower --lr?)')
+
 
 def train_teacher(cfg, run_dir, device):
     P_mean, P_std, sigma_data = -1.2, 1.2, 0.5
@@ -417,6 +422,7 @@ def train_teacher(cfg, run_dir, device):
         gdd.update_ema(ema, net, gdd.ema_beta(y.shape[0], seen, cfg.ema))
         seen += y.shape[0]
         if seen - tick_seen >= cfg.tick * 1000 or seen >= total:
+            stop_if_nonfinite(loss, seen, net, ema)
             dt = time.time() - tick_time
             print(f'kimg {seen / 1000:8.1f}  sec/kimg {dt / (seen - tick_seen) * 1000:6.2f}  loss {loss.item():.4f}  '
                   f'time {time.time() - start:6.0f}s', flush=True)
@@ -458,6 +464,7 @@ def train_classifier(cfg, run_dir, device, shift=2):
         opt.step()
         seen = (step + 1) * n
         if seen // round(cfg.tick * 1000) != step * n // round(cfg.tick * 1000) or step == steps - 1:
+            stop_if_nonfinite(loss, seen, net)
             with torch.no_grad():
                 acc = accuracy()
             print(f'kimg {seen / 1000:8.1f}  loss {loss.item():.4f}  test accuracy {100 * acc:5.1f}%  '
@@ -550,7 +557,8 @@ RESUME_MUST_MATCH = ('preset', 'arch', 'cres', 'freeze', 'features', 'dwidth', '
                      'batch', 'loss_batch', 'lr', 'dlr', 'r1_gamma', 'ema', 'batch_gpu', 'xflip', 'data', 'teacher',
                      'backbone_weights', 'fp16')
 RESUME_FIXED = ('preset', 'arch', 'cres', 'freeze', 'features', 'dwidth')
-TEMP_RE = re.compile(r'\.tmp\d*(\.png)?$')     # atomic_save's .NAME.tmpPID, grids' NAME.tmpPID.png, stats.jsonl.tmp
+# edm_nets.atomic_save's .NAME.tmpPID, sample_min.atomic_write's NAME.tmpPID (and NAME.tmpPID.png of older versions)
+TEMP_RE = re.compile(r'\.tmp\d*(\.png)?$')
 LOCK_NAME = '.lock'
 
 
@@ -844,9 +852,7 @@ def resume_run_dir(path, state, cfg, world=1):
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 pass        # a line cut off by the kill
-        with open(stats_path + '.tmp', 'w') as f:
-            f.writelines(keep)
-        os.replace(stats_path + '.tmp', stats_path)
+        sample_min.atomic_write(stats_path, lambda f: f.write(''.join(keep).encode()))
     return run_dir
 
 #----------------------------------------------------------------------------
@@ -1107,9 +1113,7 @@ def evaluate_small(G, teacher, dataset, cfg, run_dir, device, batch=250):
             gdd_toy_fid_le_quarter_teacher_1step=fid['gdd_1step'] <= fid['teacher_1step'] / 4,
             gdd_toy_fid_le_teacher_heun35=fid['gdd_1step'] <= fid['teacher_heun35'],
             gdd_accuracy_ge_teacher_heun35_minus_5_points=None if acc['gdd_1step'] is None else acc['gdd_1step'] >= acc['teacher_heun35'] - 0.05)
-    with open(os.path.join(run_dir, 'metrics.json.tmp'), 'w') as f:
-        json.dump(result, f, indent=2)
-    os.replace(os.path.join(run_dir, 'metrics.json.tmp'), os.path.join(run_dir, 'metrics.json'))
+    sample_min.atomic_write(os.path.join(run_dir, 'metrics.json'), lambda f: f.write(json.dumps(result, indent=2).encode()))
     save_comparison({k: x[:20] for k, x in images.items()}, metrics, os.path.join(run_dir, 'compare.png'))
 
 
@@ -1132,9 +1136,7 @@ def save_comparison(images, metrics, path, cols=5, scale=2, num_zoom=2, gap=8):
         PIL.ImageDraw.Draw(caption).text((2, 2), f'{titles[name]}\n{line}', fill=(0, 0, 0), spacing=2)
         white = np.full([gap // 2, grid.shape[1], 3], 255, np.uint8)
         columns += [np.concatenate([np.asarray(caption), grid, white, zoom], axis=0), np.full([zoom.shape[0] + grid.shape[0] + 30 + gap // 2, gap, 3], 255, np.uint8)]
-    tmp = f'{path}.tmp{os.getpid()}.png'
-    PIL.Image.fromarray(np.concatenate(columns[:-1], axis=1)).save(tmp)
-    os.replace(tmp, path)
+    sample_min.atomic_write(path, lambda f: PIL.Image.fromarray(np.concatenate(columns[:-1], axis=1)).save(f, format='png'))
 
 #----------------------------------------------------------------------------
 

@@ -154,3 +154,18 @@ def test_seed_lists_are_bounded():
         sample_min.parse_seeds('0-999999999999')        # would otherwise build a list of 10^12 ints
     with pytest.raises(argparse.ArgumentTypeError, match='bad seed list'):
         sample_min.parse_seeds('5-1')
+
+
+def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
+    # Every writer of gdd-min (PNGs, npz, metrics.json, stats.jsonl, reference statistics) goes through it.
+    path = tmp_path / 'out.png'
+    path.write_bytes(b'old')
+
+    def fail(f):
+        f.write(b'half')
+        raise OSError('disk full')
+    with pytest.raises(OSError, match='disk full'):
+        sample_min.atomic_write(str(path), fail)
+    assert path.read_bytes() == b'old' and sorted(p.name for p in tmp_path.iterdir()) == ['out.png']
+    sample_min.atomic_write(str(path), lambda f: f.write(b'new'))
+    assert path.read_bytes() == b'new' and sorted(p.name for p in tmp_path.iterdir()) == ['out.png']

@@ -87,3 +87,12 @@ def test_training_refuses_mismatched_data_and_teacher(tmp_path):
         train_min.main(['cifar10', '--outdir', str(tmp_path / 'runs'), '--teacher', str(tmp_path / 'teacher.pt'), '--data', str(tmp_path / 'd16')])
     with pytest.raises(SystemExit, match='no such file'):
         train_min.main(['toy', '--outdir', str(tmp_path / 'runs'), '--teacher', str(tmp_path / 'missing.pt')])
+
+
+def test_diverged_toy_teacher_stops_with_one_line(tmp_path):
+    images, labels = train_min.draw_toy_images(40, seed=0)
+    train_min.save_dataset(str(tmp_path / 'data.zip'), images, labels)
+    with pytest.raises(SystemExit, match=r'^error: training stopped at kimg .*NaN/inf \(lower --lr\?\)$'):
+        train_min.main(['toy-teacher', '--outdir', str(tmp_path / 'runs'), '--data', str(tmp_path / 'data.zip'),
+                        '--kimg', '0.04', '--batch', '8', '--tick', '0.008', '--lr', '1e36', '--export', str(tmp_path / 't.pt')])
+    assert not (tmp_path / 't.pt').exists()

@@ -1170,13 +1170,28 @@ def _weights_only_reason(e):
     return (useful or lines or [type(e).__name__])[0].removeprefix('WeightsUnpickler error: ')
 
 
+def _check_crcs(zf):
+    # torch.load does not verify the zip CRC-32s, so a flipped bit in a weight would load as a silently wrong
+    # value. Reading each member once (streamed) lets zipfile check it; CRC 0 marks a writer that skipped it
+    # (torch.serialization.config.save.compute_crc32 = False).
+    for info in zf.infolist():
+        if info.CRC == 0 and info.file_size:
+            continue
+        with zf.open(info) as member:
+            try:
+                while member.read(1 << 22):
+                    pass
+            except zipfile.BadZipFile:
+                raise _BadFile(f'zip member {info.filename!r:.80} fails its CRC-32 check (the file is corrupted)') from None
+
+
 def load_torch_file(path):
     """Validated torch.load(path, map_location='cpu', weights_only=True) for any torch.save file that comes from
     outside (gdd-min checkpoints and training states, backbone weights): a hostile or broken file costs no more
     time and memory than the bytes it really holds, and is refused in one line.
     - Before torch reads anything: a zip archive must pass _torch_zip (members stored, inside the file, bounded
       count) and its data.pkl is pre-read by the inert machine, so every storage it declares has exactly the
-      bytes of its record; a legacy (non-zip) file must pass _legacy_layout. Anything else (a tar file, a bare
+      bytes of its record, and every member's CRC-32 is checked; a legacy (non-zip) file must pass _legacy_layout. Anything else (a tar file, a bare
       pickle) is refused.
     - torch's weights_only unpickler then loads it; its refusals become one line.
     - The result is walked once (_check_loaded): plain CPU tensors, non-overlapping views inside their storages.
@@ -1195,6 +1210,7 @@ def load_torch_file(path):
                     if info is None or info.file_size != numel * dtype.itemsize:
                         raise _BadFile(f'storage {key!r} declares {numel} x {dtype}, its record holds '
                                        f'{"nothing" if info is None else f"{info.file_size} bytes"}')
+                _check_crcs(zf)
             else:
                 f.seek(0)
                 _legacy_layout(f, size)

@@ -319,6 +319,21 @@ def test_stride0_and_oversized_storages_in_torch_files_are_refused(tmp_path):
     refused(edm_nets.load_torch_file, tmp_path / 'legacy.pt', match='legacy.pt: .*data ends 40 bytes early')
 
 
+def test_a_flipped_bit_in_a_torch_file_is_refused_not_loaded(tmp_path):
+    # torch.load itself loads the damaged value without complaint; the zip CRC-32 catches it.
+    torch.save({'w': torch.arange(1000.)}, tmp_path / 'good.pt')
+    data = bytearray((tmp_path / 'good.pt').read_bytes())
+    with zipfile.ZipFile(tmp_path / 'good.pt') as z:
+        info = z.getinfo('good/data/0')
+    name_len, extra_len = struct.unpack('<HH', data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len      # the member's data, after its local header
+    data[start + 4 * 500 + 2] ^= 0x10                    # element 500: 500.0 -> another float
+    (tmp_path / 'bad.pt').write_bytes(bytes(data))
+    assert torch.load(tmp_path / 'bad.pt', weights_only=True)['w'][500] != 500
+    refused(edm_nets.load_torch_file, tmp_path / 'bad.pt', match=r"bad.pt: .*zip member 'good/data/0' fails its CRC-32 check")
+    assert edm_nets.load_torch_file(tmp_path / 'good.pt')['w'][500] == 500
+
+
 def npz_bomb(path, arrays, level=9):
     """A valid npz of zero-filled arrays {key: (shape, descr)}, written without ever holding them: raw deflate
     segments that end in a full flush may be concatenated, so one compressed MiB of zeros (1 KB at level 9) is

@@ -1030,10 +1030,19 @@ def bench(cfg, iteration, G, device, world, num_chunks, batch_gpu):
 #             FID with a toy detector in Inception's place; it sees texture, speckle and blur)
 #   accuracy  the classifier's argmax vs the class the sample was asked for (the floor: vs the true class)
 #   fd_8x8    Frechet distance of the images average-pooled to 8x8 (192 numbers: coarse layout, blind to texture)
+# and, not a distance but what the eye sees in a zoomed crop, speckle: the pixel noise of each image,
+#   speckle   mean over images of median_pixels |x - box3(x)| in uint8 levels (3x3 box blur, edges replicated).
+#             The median skips the few pixels on a shape's edge, so it measures the noise on the smooth parts.
 
 def pixels8(images_uint8):
     x = images_uint8.to(torch.float32) / 127.5 - 1
     return F.adaptive_avg_pool2d(x, 8).flatten(1).cpu().numpy().astype(np.float64)
+
+
+def speckle(images_uint8):
+    x = images_uint8.to(torch.float32)
+    residual = x - F.avg_pool2d(F.pad(x, [1] * 4, mode='replicate'), 3, 1)
+    return residual.abs().flatten(1).median(1).values.mean().item()
 
 
 @torch.no_grad()
@@ -1051,9 +1060,10 @@ def small_reference(reals, classifier=None, device='cpu'):
 
 
 def small_metrics(images, classes, ref, classifier=None, device='cpu'):
-    """{'toy_fid', 'accuracy', 'fd_8x8'} of uint8 images [N, C, H, W] that were asked to show classes [N] (None:
-    unconditional, accuracy None); without a classifier only fd_8x8."""
-    out = {'fd_8x8': fid_min.frechet_distance(*ref['fd_8x8'], *fid_min.feature_stats(pixels8(images)))}
+    """{'toy_fid', 'accuracy', 'fd_8x8', 'speckle'} of uint8 images [N, C, H, W] that were asked to show classes
+    [N] (None: unconditional, accuracy None); without a classifier only fd_8x8 and speckle."""
+    out = {'fd_8x8': fid_min.frechet_distance(*ref['fd_8x8'], *fid_min.feature_stats(pixels8(images))),
+           'speckle': speckle(images)}
     if classifier is not None:
         out['toy_fid'] = fid_min.frechet_distance(*ref['toy_fid'], *fid_min.feature_stats(_detect(classifier, images, device)))
         predicted = _detect(classifier, images, device, features=False).argmax(1)
@@ -1061,7 +1071,7 @@ def small_metrics(images, classes, ref, classifier=None, device='cpu'):
     return out
 
 
-METRIC_FORMAT = {'toy_fid': '{:8.3f}', 'accuracy': '{:7.1%}', 'fd_8x8': '{:8.3f}'}
+METRIC_FORMAT = {'toy_fid': '{:8.3f}', 'accuracy': '{:7.1%}', 'fd_8x8': '{:8.3f}', 'speckle': '{:8.2f}'}
 
 def _metric_line(name, m):
     cells = [('n/a' if m.get(k, 0) is None else METRIC_FORMAT[k].format(m[k])).rjust(8) if k in m else '       -'
@@ -1092,7 +1102,7 @@ def evaluate_small(G, teacher, dataset, cfg, run_dir, device, batch=250):
         'gdd_1step': lambda z, c: gdd.generate(G, z, c),
     }
     print(f'Evaluation, {n} images against {count} training images:')
-    print(f'  {"":15s}  toy FID  accuracy    FD 8x8')
+    print(f'  {"":15s}  toy FID  accuracy    FD 8x8   speckle')
     images, metrics = {}, {}
     for name, sample in samplers.items():
         parts = []
@@ -1112,7 +1122,8 @@ def evaluate_small(G, teacher, dataset, cfg, run_dir, device, batch=250):
         result['targets'] = dict(
             gdd_toy_fid_le_quarter_teacher_1step=fid['gdd_1step'] <= fid['teacher_1step'] / 4,
             gdd_toy_fid_le_teacher_heun35=fid['gdd_1step'] <= fid['teacher_heun35'],
-            gdd_accuracy_ge_teacher_heun35_minus_5_points=None if acc['gdd_1step'] is None else acc['gdd_1step'] >= acc['teacher_heun35'] - 0.05)
+            gdd_accuracy_ge_teacher_heun35_minus_5_points=None if acc['gdd_1step'] is None else acc['gdd_1step'] >= acc['teacher_heun35'] - 0.05,
+            gdd_speckle_le_teacher_heun35=result['speckle']['gdd_1step'] <= result['speckle']['teacher_heun35'])
     sample_min.atomic_write(os.path.join(run_dir, 'metrics.json'), lambda f: f.write(json.dumps(result, indent=2).encode()))
     save_comparison({k: x[:20] for k, x in images.items()}, metrics, os.path.join(run_dir, 'compare.png'))
 
@@ -1131,7 +1142,7 @@ def save_comparison(images, metrics, path, cols=5, scale=2, num_zoom=2, gap=8):
         zoom = enlarge(np.concatenate(list(x[:num_zoom].permute(0, 2, 3, 1).numpy()), axis=1), cols * scale // num_zoom)
         m = metrics[name]
         line = '  '.join(f'{label} {"n/a" if m[k] is None else fmt.format(m[k])}' for k, label, fmt in
-                         (('toy_fid', 'toy FID', '{:.2f}'), ('accuracy', 'acc', '{:.0%}'), ('fd_8x8', 'FD8x8', '{:.2f}')) if k in m)
+                         (('toy_fid', 'toy FID', '{:.2f}'), ('accuracy', 'acc', '{:.0%}'), ('fd_8x8', 'FD8x8', '{:.2f}'), ('speckle', 'speckle', '{:.1f}')) if k in m)
         caption = PIL.Image.new('RGB', (grid.shape[1], 30), (255, 255, 255))
         PIL.ImageDraw.Draw(caption).text((2, 2), f'{titles[name]}\n{line}', fill=(0, 0, 0), spacing=2)
         white = np.full([gap // 2, grid.shape[1], 3], 255, np.uint8)

@@ -58,6 +58,9 @@ def test_toy_fid_sees_texture(classifier, toy):
         m = train_min.small_metrics(bad, labels, ref, classifier)
         assert m['toy_fid'] > 5 * clean['toy_fid'], (name, m, clean)
         assert m['fd_8x8'] < 1.1 * clean['fd_8x8'], (name, m, clean)
+    # Speckle (median |x - box3(x)|, uint8 levels) sees the noise (0.31 clean, 5.7 noised), not the blur (0.30).
+    m = {name: train_min.small_metrics(x, labels, ref)['speckle'] for name, x in (('noised', noised), ('blurred', blurred))}
+    assert clean['speckle'] < 1 and m['noised'] > 3 and m['blurred'] <= clean['speckle'], (m, clean)
 
 
 def test_fid_min_cli_with_toy_classifier(tmp_path, toy, capsys):

@@ -64,12 +64,13 @@ def test_toy_end_to_end(tmp_path, capsys):
     assert '58,131 trainable, 259,744 frozen' in out and 'R1 ' in out and 'Training done: 17 iterations' in out
     run = tmp_path / 'runs' / '00001-toy'
     metrics = json.load(open(run / 'metrics.json'))     # the three metrics, with the shipped toy classifier
-    for key in ('toy_fid', 'accuracy', 'fd_8x8'):
+    for key in ('toy_fid', 'accuracy', 'fd_8x8', 'speckle'):
         assert set(metrics[key]) == {'data_floor', 'teacher_1step', 'teacher_heun35', 'gdd_1step'}
         assert all(np.isfinite(v) for v in metrics[key].values())
     assert metrics['accuracy']['data_floor'] >= 0.9 and set(metrics['targets']) == {
-        'gdd_toy_fid_le_quarter_teacher_1step', 'gdd_toy_fid_le_teacher_heun35', 'gdd_accuracy_ge_teacher_heun35_minus_5_points'}
-    assert 'toy FID  accuracy    FD 8x8' in out and 'data_floor' in out
+        'gdd_toy_fid_le_quarter_teacher_1step', 'gdd_toy_fid_le_teacher_heun35', 'gdd_accuracy_ge_teacher_heun35_minus_5_points',
+        'gdd_speckle_le_teacher_heun35'}
+    assert 'toy FID  accuracy    FD 8x8   speckle' in out and 'data_floor' in out
     # Four columns (3 samplers + data) of 5 x 32 pixels at 2x with 8-pixel gaps.
     assert PIL.Image.open(run / 'compare.png').size[0] == 4 * 5 * 32 * 2 + 3 * 8
     assert (run / 'samples-000000.png').exists() and (run / 'log.txt').read_text().count('kimg') >= 3

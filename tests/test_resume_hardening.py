@@ -100,7 +100,7 @@ def test_changed_trajectory_options_are_refused_unless_overridden(run, tmp_path)
                          (['--batch-gpu', '2'], 'batch_gpu=4 (now 2)'), (['--xflip', 'true'], 'xflip=False (now True)'),
                          (['--data', str(tmp_path / 'moved-data.zip')], 'moved-data.zip'),
                          (['--teacher', str(tmp_path / 'moved-teacher.pt')], 'moved-teacher.pt'),
-                         (['--lr', '1e-3'], 'lr=0.0005 (now 0.001)'), (['--seed', '1'], 'seed=42 (now 1)')]:
+                         (['--lr', '2e-3'], 'lr=0.001 (now 0.002)'), (['--seed', '1'], 'seed=42 (now 1)')]:
         msg = one_line_error(train_min.main, [*resume, *change])
         assert text in msg and '--resume-override' in msg, msg
     # 0 = derived: the effective per-process batch is what counts, so saying it explicitly is no change.
@@ -111,14 +111,14 @@ def test_changed_trajectory_options_are_refused_unless_overridden(run, tmp_path)
             'samples-000000.png.tmp4242.png', 'metrics.json.tmp', 'training-state-00000000.pt.sha256']
     for name in junk:
         (run_b / name).write_bytes(b'partial')
-    train_min.main([*resume, '--r1-gamma', '0.5', '--lr', '1e-3', '--data', str(tmp_path / 'moved-data.zip'),
+    train_min.main([*resume, '--r1-gamma', '0.5', '--lr', '2e-3', '--data', str(tmp_path / 'moved-data.zip'),
                     '--resume-override', 'r1_gamma,lr,data'])
     log = (run_b / 'log.txt').read_text()
     assert "note: --resume-override r1_gamma: 0.01 -> 0.5 from iteration 2 on" in log
-    assert 'note: --resume-override lr: 0.0005 -> 0.001' in log and 'moved-data.zip' in log
+    assert 'note: --resume-override lr: 0.001 -> 0.002' in log and 'moved-data.zip' in log
     assert 'note: removed 6 file(s)' in log and not any((run_b / name).exists() for name in junk)
     state = _load(run_b / 'training-state-00000003.pt')
-    assert state['config']['r1_gamma'] == 0.5 and state['opt_G']['param_groups'][0]['lr'] == 1e-3   # the new rate is used
+    assert state['config']['r1_gamma'] == 0.5 and state['opt_G']['param_groups'][0]['lr'] == 2e-3   # the new rate is used
 
 #----------------------------------------------------------------------------
 # One training process per run folder.

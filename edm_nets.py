@@ -1191,8 +1191,8 @@ def load_torch_file(path):
     time and memory than the bytes it really holds, and is refused in one line.
     - Before torch reads anything: a zip archive must pass _torch_zip (members stored, inside the file, bounded
       count) and its data.pkl is pre-read by the inert machine, so every storage it declares has exactly the
-      bytes of its record, and every member's CRC-32 is checked; a legacy (non-zip) file must pass _legacy_layout. Anything else (a tar file, a bare
-      pickle) is refused.
+      bytes of its record, and every member's CRC-32 is checked; a legacy (non-zip) file must pass
+      _legacy_layout. Anything else (a tar file, a bare pickle) is refused.
     - torch's weights_only unpickler then loads it; its refusals become one line.
     - The result is walked once (_check_loaded): plain CPU tensors, non-overlapping views inside their storages.
     Returns the loaded object. Raises FileNotFoundError, or ValueError('<path>: <problem>') (UnsafePickleError,

@@ -1072,11 +1072,13 @@ def small_metrics(images, classes, ref, classifier=None, device='cpu'):
     return out
 
 
-METRIC_FORMAT = {'toy_fid': '{:8.3f}', 'accuracy': '{:7.1%}', 'fd_8x8': '{:8.3f}', 'speckle': '{:8.2f}'}
+# key -> (column header, cell format) of the printed table; the same keys, in this order, in metrics.json.
+METRIC_COLUMNS = {'toy_fid': ('toy FID', '{:8.3f}'), 'accuracy': ('accuracy', '{:7.1%}'),
+                  'fd_8x8': ('FD 8x8', '{:8.3f}'), 'speckle': ('speckle', '{:8.2f}')}
 
 def _metric_line(name, m):
-    cells = [('n/a' if m.get(k, 0) is None else METRIC_FORMAT[k].format(m[k])).rjust(8) if k in m else '       -'
-             for k in METRIC_FORMAT]
+    cells = [('n/a' if m.get(k, 0) is None else fmt.format(m[k])).rjust(8) if k in m else '       -'
+             for k, (_, fmt) in METRIC_COLUMNS.items()]
     return f'  {name:15s} ' + '  '.join(cells)
 
 
@@ -1103,7 +1105,7 @@ def evaluate_small(G, teacher, dataset, cfg, run_dir, device, batch=250):
         'gdd_1step': lambda z, c: gdd.generate(G, z, c),
     }
     print(f'Evaluation, {n} images against {count} training images:')
-    print(f'  {"":15s}  toy FID  accuracy    FD 8x8   speckle')
+    print(f'  {"":15s} ' + '  '.join(header.rjust(8) for header, _ in METRIC_COLUMNS.values()))
     images, metrics = {}, {}
     for name, sample in samplers.items():
         parts = []
@@ -1116,7 +1118,7 @@ def evaluate_small(G, teacher, dataset, cfg, run_dir, device, batch=250):
     images['data_floor'] = floor_images
     metrics['data_floor'] = small_metrics(floor_images, floor_classes, ref, classifier, device)
     print(_metric_line('data_floor', metrics['data_floor']))
-    result = {k: {name: m[k] for name, m in metrics.items()} for k in METRIC_FORMAT if k in metrics['data_floor']}
+    result = {k: {name: m[k] for name, m in metrics.items()} for k in METRIC_COLUMNS if k in metrics['data_floor']}
     result.update(num_images=n, reference=f'{dataset.name} ({count} images)', classifier=cfg.classifier or None)
     if classifier is not None:       # the toy demo's targets (issue 11)
         fid, acc = result['toy_fid'], result['accuracy']

@@ -1,30 +1,32 @@
-"""Frozen ImageNet feature networks of the projected discriminator (recipe section E), in plain PyTorch.
+"""Frozen feature networks of the projected discriminator, in plain PyTorch.
 
-Three networks whose state_dict names and shapes equal the released weight files, so those files load as is:
-torchvision's vgg16_bn, timm's tf_efficientnet_lite0 and timm's deit_base_distilled_patch16_224. Each one
-maps an image in [-1, 1] to the four feature maps ("taps") of recipe E.4. The cross-channel / cross-scale
-projections and the mini-discriminators built on top of these taps live in gdd.py.
+Three ImageNet networks whose state_dict names and shapes equal the released weight files, so those files load
+as is: torchvision's vgg16_bn, timm's tf_efficientnet_lite0 and timm's deit_base_distilled_patch16_224 (the
+official code's choices, train.py:234-241). Each one maps an image in [-1, 1] to four feature maps ("taps"), as
+the official pg_modules/projector.py taps them. And, for the offline toy demo, TeacherFeatures: the frozen
+teacher's own encoder. The cross-channel / cross-scale projections and the mini-discriminators built on top of
+these taps live in gdd.py.
 
-Weights: build_backbone(name, weights=PATH_OR_URL) reads a torch.save'd state dict (torch.load with
-weights_only=True) or a .safetensors file (own reader below, no extra dependency). weights=None gives the
-deterministic fill of tests/fixtures/backbones/README.md section 2, which is what --bench and the tests use.
+Weights: build_backbone(name, weights=PATH_OR_URL) reads a torch.save'd state dict or a .safetensors file
+through safe_files.read_state_dict (no code from the file runs). weights=None gives the deterministic fill of
+tests/fixtures/backbones/README.md section 2, which is what --bench and the tests use.
 """
 
-import json
+import copy
 import math
-import os
-import sys
 import zlib
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import edm_nets
+import cli
+import safe_files
 
 BACKBONES = ('vgg16_bn', 'tf_efficientnet_lite0', 'deit_base_distilled_patch16_224')
 
-# The files the official code loads (torchvision IMAGENET1K_V1; the timm 0.5.4 sources, recipe E.2).
+# The files the official code loads (torchvision IMAGENET1K_V1; the timm 0.5.4 sources it pins).
 # The same timm weights are also on the Hugging Face hub as safetensors (both formats load):
 #   https://huggingface.co/timm/tf_efficientnet_lite0.in1k/resolve/main/model.safetensors
 #   https://huggingface.co/timm/deit_base_distilled_patch16_224.fb_in1k/resolve/main/model.safetensors
@@ -52,7 +54,7 @@ def preprocess(x, mean, std, size=224):
 
 class FeatureNetwork(nn.Module):
     """Frozen backbone: forward(x in [-1,1], N x 3 x R x R) -> list of 4 tap maps. Always in eval mode, so
-    BatchNorm uses the ImageNet running statistics (recipe E.9). Subclasses define taps() on a preprocessed
+    BatchNorm uses the ImageNet running statistics, as in the official code. Subclasses define taps() on a preprocessed
     224x224 input, and logits() when built with classifier=True (used by the fingerprint tests)."""
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     channels = []                 # channel counts of the 4 taps returned by forward()
@@ -80,7 +82,7 @@ class VGG16BN(FeatureNetwork):
     channels = [128, 256, 512, 512]
     head_prefixes = ('classifier.',)
     cfg = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M']
-    tap_ends = (13, 23, 33, 43)   # recipe E.4: taps are features[0:13], [13:23], [23:33], [33:43]
+    tap_ends = (13, 23, 33, 43)   # taps are features[0:13], [13:23], [23:33], [33:43] (the final pool excluded)
 
     def __init__(self, classifier=False):  # classifier: also build avgpool + classifier (logits())
         super().__init__()
@@ -168,12 +170,12 @@ class InvertedResidual(nn.Module):
 
 
 class TFEfficientNetLite0(FeatureNetwork):
-    mean = std = (0.5, 0.5, 0.5)  # recipe E.3: the official code's "Inception" list, not ImageNet statistics
+    mean = std = (0.5, 0.5, 0.5)  # the official code's "Inception" normalisation, not ImageNet statistics
     channels = [24, 40, 112, 320]
     head_prefixes = ('conv_head.', 'bn2.', 'classifier.')
     stages = [(3, 1, 16, 1), (3, 2, 24, 2), (5, 2, 40, 2), (3, 2, 80, 3),   # (kernel, stride, channels, blocks)
               (5, 1, 112, 3), (5, 2, 192, 4), (3, 1, 320, 1)]
-    tap_stages = ((0, 1), (2,), (3, 4), (5, 6))  # recipe E.4: stem + blocks[0:2], [2], [3:5], [5:7]
+    tap_stages = ((0, 1), (2,), (3, 4), (5, 6))  # stem + blocks[0:2], [2], [3:5], [5:7]; the head unused
 
     def __init__(self, classifier=False):  # classifier: also build conv_head, bn2, classifier (logits())
         super().__init__()
@@ -232,7 +234,7 @@ class Block(nn.Module):
 
 
 class DropTokens(nn.Module):
-    """Readout 'ignore' (recipe E.4): drop the cls and distillation tokens."""
+    """Readout 'ignore' (DPT's readout option, as the official projector uses it): drop the cls and distillation tokens."""
     def forward(self, x):
         return x[:, 2:]
 
@@ -246,7 +248,7 @@ class DeiTBaseDistilled(FeatureNetwork):
     channels = [96, 192, 384, 768]
     head_prefixes = ('norm.', 'head.', 'head_dist.')
     random_prefixes = ('layer1.', 'layer2.', 'layer3.', 'layer4.')
-    hooks = (2, 5, 8, 11)  # recipe E.4: outputs of these blocks (before the final LayerNorm) are the taps
+    hooks = (2, 5, 8, 11)  # outputs of these blocks (before the final LayerNorm) are the taps
 
     def __init__(self, classifier=False, dim=768, depth=12):  # classifier: also build norm, head, head_dist
         super().__init__()
@@ -259,7 +261,7 @@ class DeiTBaseDistilled(FeatureNetwork):
         if classifier:
             self.norm = nn.LayerNorm(dim, eps=1e-6)
             self.head, self.head_dist = nn.Linear(dim, 1000), nn.Linear(dim, 1000)
-        # Post-processing layers of recipe E.4 (random, frozen, in no released file): tokens -> 768x14x14 map
+        # Post-processing layers of the official projector (random, frozen, in no released file): tokens -> 768x14x14 map
         # (indices 0..2, parameter-free), then convs to 96x56x56, 192x28x28, 384x14x14, 768x7x7. The names
         # layerN.M follow the official projector so that the fixtures' keys apply.
         def post(*convs):
@@ -329,109 +331,31 @@ def fill_deterministic_(net, keys=None):
 
 
 @torch.no_grad()
+def default_init_(conv, generator):
+    """PyTorch's default conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias, fan_in =
+    weight[0].numel(), drawn from a local generator so that every rank builds the same frozen random layers."""
+    bound = 1 / math.sqrt(conv.weight[0].numel())
+    for p in (conv.weight, conv.bias):
+        p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
+
+
 def init_random_layers_(net, seed=0):
-    """PyTorch's default conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias, fan_in = weight[0]
-    .numel(), drawn from a local generator so every rank builds the same frozen layers (recipe E.4)."""
+    """The frozen random layers of `net` (DeiT's post-processing) by default_init_, from a generator seeded with seed."""
     g = torch.Generator().manual_seed(seed)
     for m in net.random_layers():
-        bound = 1 / math.sqrt(m.weight[0].numel())
-        for p in (m.weight, m.bias):
-            p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
-
-
-SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
-                      'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
-                      'U8': torch.uint8, 'BOOL': torch.bool}
-
-
-SAFETENSORS_MAX_HEADER = 100 * 2**20   # the format's own limit on the JSON header
-
-
-def read_safetensors(path):
-    """Read a .safetensors file: u64 little-endian header size N, N bytes of JSON {name: {dtype, shape,
-    data_offsets: [begin, end]}} (plus optional __metadata__), then the raw little-endian C-order bytes.
-    Checked as the format requires: header within the file and at most 100 MB, no duplicate names, int shapes,
-    and the data ranges, sorted, must tile the data section exactly (no overlap, no gap, nothing after)."""
-    if sys.byteorder != 'little':
-        raise ValueError('reading safetensors needs a little-endian machine')
-    with open(path, 'rb') as f:
-        data = bytearray(os.fstat(f.fileno()).st_size)
-        f.readinto(data)
-    if len(data) < 8:
-        raise ValueError(f'{path}: not a safetensors file (too short)')
-    n = int.from_bytes(data[:8], 'little')
-    if n > min(len(data) - 8, SAFETENSORS_MAX_HEADER):
-        raise ValueError(f'{path}: safetensors header size {n} exceeds the file or the 100 MB limit')
-
-    def no_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f'duplicate name {next(k for k in keys if keys.count(k) > 1)!r}')
-        return dict(pairs)
-    try:
-        header = json.loads(bytes(data[8:8 + n]).decode('utf-8'), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ValueError(f'{path}: safetensors header is not valid JSON ({str(e)[:200]})') from None
-    if not isinstance(header, dict):
-        raise ValueError(f'{path}: safetensors header is not a JSON object')
-    base, entries = 8 + n, []
-    for name, info in header.items():
-        if name == '__metadata__':
-            continue
-        ok = isinstance(info, dict) and info.get('dtype') in SAFETENSORS_DTYPES and isinstance(info.get('shape'), list)
-        shape, offsets = (info.get('shape'), info.get('data_offsets')) if ok else (None, None)
-        ok = ok and len(shape) <= 16 and all(type(s) is int and s >= 0 for s in shape) and isinstance(offsets, list) \
-            and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]
-        if not ok:
-            raise ValueError(f'{path}: bad safetensors entry for {name!r:.80}: {str(info)[:200]}')
-        dtype = SAFETENSORS_DTYPES[info['dtype']]
-        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f'{path}: safetensors entry {name!r:.80} has {offsets[1] - offsets[0]} bytes for shape {shape} {info["dtype"]}')
-        entries.append((offsets[0], offsets[1], name, dtype, shape))
-    entries.sort()
-    pos = 0
-    for begin, end, name, _, _ in entries:
-        if begin != pos:
-            raise ValueError(f'{path}: safetensors data of {name!r:.80} starts at {begin}, expected {pos} '
-                             f'({"overlaps the previous tensor" if begin < pos else "a gap"})')
-        pos = end
-    if pos != len(data) - base:
-        raise ValueError(f'{path}: safetensors data section has {len(data) - base} bytes, the header describes {pos}')
-    out = {}
-    for begin, _, name, dtype, shape in entries:
-        numel = math.prod(shape)
-        t = torch.frombuffer(data, dtype=dtype, count=numel, offset=base + begin) if numel else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(shape)
-    return out
-
-
-def read_state_dict(path):
-    """Flat name -> tensor dict from a .safetensors file or a torch.save'd state dict (edm_nets.load_torch_file:
-    validated torch.load with weights_only=True, no code from the file runs). The legacy DeiT release nests it
-    under 'model'."""
-    with open(path, 'rb') as f:
-        head = f.read(9)
-    if str(path).endswith('.safetensors') or (len(head) == 9 and head[8:9] == b'{'):
-        return read_safetensors(path)
-    sd = edm_nets.load_torch_file(path)
-    if isinstance(sd, dict) and isinstance(sd.get('model'), dict):
-        sd = sd['model']
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise ValueError(f'{path}: not a state dict (expected a dict of name -> tensor)')
-    return sd
+        default_init_(m, g)
 
 
 def _resolve(name, source):
     hint = f'download {WEIGHT_URLS[name]} and pass its local path'
     if str(source).startswith(('http://', 'https://')):
         try:
-            return edm_nets.open_url(source)   # URL download + cache shared with load_network
+            return safe_files.open_url(source)   # URL download + cache shared with load_network
         except OSError as e:
-            msg = (str(e).splitlines() or [''])[0]
+            msg = cli.error_line(e)
             if source not in msg:
                 msg = f'could not download {source} ({msg}); download it elsewhere and pass the local path'
             raise OSError(f'{msg} (train_min.py: --backbone-weights {name}=PATH)') from None
-    from pathlib import Path
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f'{name} weights not found at {path}; {hint}')
@@ -440,32 +364,23 @@ def _resolve(name, source):
 
 @torch.no_grad()
 def load_weights_(net, name, source):
-    """Strict load of released weights into the pretrained part of `net`. Tolerated: absent
-    num_batches_tracked counters (older files; set to 0) and, when net has no classifier, the head keys
+    """Strict load of released weights into the pretrained part of `net` (safe_files.check_tensors). Tolerated:
+    absent num_batches_tracked counters (older files; set to 0) and, when net has no classifier, the head keys
     (dropped on purpose). Anything else missing, unexpected or mis-shaped is an error."""
     path = _resolve(name, source)
-    sd = read_state_dict(path)
+    sd = safe_files.read_state_dict(path)
     own = {k: v for k, v in net.state_dict().items() if net.is_pretrained_key(k)}
-    missing = [k for k in own if k not in sd and not k.endswith('num_batches_tracked')]
-    unexpected = [k for k in sd if k not in own and not k.startswith(net.head_prefixes)]
-    wrong = [f'{k} {tuple(sd[k].shape)} {sd[k].dtype} vs {tuple(v.shape)} {v.dtype}' for k, v in own.items()
-             if k in sd and (sd[k].shape != v.shape or sd[k].dtype != v.dtype)]   # no silent casts
-    if missing or unexpected or wrong:
-        def few(ks):
-            return ', '.join(ks[:4]) + (f' (+{len(ks) - 4} more)' if len(ks) > 4 else '')
-        raise ValueError(f'{path} is not a {name} state dict: missing [{few(missing)}], unexpected [{few(unexpected)}], '
-                         f'shape or dtype mismatch [{few(wrong)}]')
-    for k in own:
-        if k in sd and not edm_nets.all_finite(sd[k]):
-            raise ValueError(f'{path}: tensor {k} has non-finite values (NaN or inf)')
+    sd = {k: v for k, v in sd.items() if k in own or not k.startswith(net.head_prefixes)}
+    sd.update({k: torch.zeros_like(v) for k, v in own.items() if k.endswith('num_batches_tracked') and k not in sd})
+    safe_files.check_tensors(sd, own, f'{path}: not a {name} state dict')
     for k, v in own.items():
-        v.copy_(sd[k] if k in sd else torch.zeros_like(v))
+        v.copy_(sd[k])
 
 
 def build_backbone(name, weights=None, seed=0, classifier=False):
     """Frozen feature network `name` (one of BACKBONES) in eval mode.
     weights: None -> deterministic fill (fill_deterministic_); a local path or http(s) URL -> released weights.
-    seed: seeds the random frozen DeiT post-processing layers (recipe E.4); unused by the other two.
+    seed: seeds the random frozen DeiT post-processing layers; unused by the other two.
     classifier: also build the ImageNet classifier head (for logits(); the tests check it)."""
     if name not in NETWORKS:
         raise ValueError(f'unknown backbone {name!r}; choose from {", ".join(BACKBONES)}')
@@ -478,3 +393,56 @@ def build_backbone(name, weights=None, seed=0, classifier=False):
     else:
         load_weights_(net, name, weights)
     return net.requires_grad_(False).eval()
+
+# ----------------------------------------------------------------------------------------------------------
+# The toy demo's feature network: the teacher's own encoder (no download).
+
+TEACHER_FEATURE_SIGMA = 0.5     # noise level at which the teacher encoder looks at images (see TeacherFeatures)
+
+class _StopForward(Exception):
+    pass
+
+
+class TeacherFeatures(nn.Module):
+    """The frozen teacher's U-Net encoder as a feature network (no download needed). The clean image is given
+    to the denoiser labelled with a fixed small noise level sigma (no noise is added, so the features are
+    deterministic and R1 sees a fixed function); the maps are the encoder outputs at the end of each
+    resolution level (R, R/2, ...). The decoder is never run: a hook stops the forward after the last tap.
+    sigma = 0.5 = sigma_data: at a large sigma a denoiser sees only the coarse layout (README, toy demo). Not
+    the paper's discriminator, which uses ImageNet classifiers. Class labels are not passed (a conditional
+    teacher sees its all-zero label row); the discriminator's conditional head handles the classes."""
+    def __init__(self, teacher, sigma=TEACHER_FEATURE_SIGMA):
+        super().__init__()
+        self.net = copy.deepcopy(teacher).eval().requires_grad_(False)
+        self.sigma = sigma
+        enc = self.net.model.enc
+        last = {}                                   # resolution prefix '16x16' -> last module of that level
+        for name in enc:
+            last[name.split('_')[0]] = name
+        self.tap_names = list(last.values())
+        self._maps = None
+        for i, name in enumerate(self.tap_names):
+            enc[name].register_forward_hook(self._hook(i))
+        R = teacher.img_resolution
+        with torch.no_grad():
+            self.channels = [m.shape[1] for m in self(torch.zeros([1, teacher.img_channels, R, R], device=next(self.net.parameters()).device))]
+
+    def _hook(self, i):
+        def hook(module, inputs, output):
+            self._maps.append(output)
+            if i == len(self.tap_names) - 1:
+                raise _StopForward
+        return hook
+
+    def train(self, mode=True):
+        return super().train(False)                 # frozen: dropout off, always
+
+    def forward(self, x):
+        self._maps = []
+        sigma = torch.full([x.shape[0]], self.sigma, device=x.device)
+        try:
+            self.net(x, sigma, None, force_fp32=True)
+        except _StopForward:
+            pass
+        maps, self._maps = self._maps, None
+        return maps

@@ -10,7 +10,8 @@ A dataset is a zip archive (or a folder) of PNGs named 00000/img00000000.png, ..
 {"labels": [[filename, class_int or [floats]], ...]} (or {"labels": null}), as EDM's training and fid.py read it.
 Sources: a folder of images (any extension pillow knows; labels from its dataset.json, else from its top-level
 sub-folders when there are several), cifar-10-python.tar.gz (pickles, read without running anything from the
-file) or cifar-10-binary.tar.gz. Imports only the standard library, numpy and pillow.
+file) or cifar-10-binary.tar.gz. Also the order in which training reads a dataset (InfiniteSampler). Imports
+only the standard library, numpy, pillow and cli.py's torch-free plumbing.
 """
 
 import argparse
@@ -29,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+
+import cli
+from cli import error_line
 
 MAX_FILE_BYTES = 1 << 30    # any one image file or dataset.json (a 1024x1024 RGB PNG is 3 MiB, ImageNet's dataset.json 60 MiB)
 MAX_CLASSES = 100000        # class labels 0..MAX_CLASSES-1 (label_dim = max class + 1; ImageNet-21k has 21841)
@@ -55,9 +59,9 @@ def open_image(data, name):
             image.load()
         return image
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
-        raise ValueError(f'{name}: refused, too many pixels ({_first_line(e)})') from None
+        raise ValueError(f'{name}: refused, too many pixels ({error_line(e)})') from None
     except Exception as e:      # pillow's decoders raise many types (OSError, SyntaxError, struct.error, ...)
-        raise ValueError(f'cannot read image {name}: {_first_line(e)}') from None
+        raise ValueError(f'cannot read image {name}: {error_line(e)}') from None
 
 
 def parse_labels(data, name='dataset.json'):
@@ -65,7 +69,7 @@ def parse_labels(data, name='dataset.json'):
     try:
         meta = json.loads(data)
     except (ValueError, RecursionError) as e:
-        raise ValueError(f'{name} is not valid JSON: {_first_line(e)}') from None
+        raise ValueError(f'{name} is not valid JSON: {error_line(e)}') from None
     if not isinstance(meta, dict):
         raise ValueError(f'{name}: expected an object {{"labels": [...]}}, got a JSON {type(meta).__name__}')
     labels = meta.get('labels')
@@ -85,12 +89,8 @@ def check_classes(values, name='dataset.json'):
     return True
 
 
-def _first_line(e):
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
 #----------------------------------------------------------------------------
-# Dataset: EDM's format (edm-formats.md (b)), a zip or a folder of PNGs plus an optional dataset.json.
+# Dataset: EDM's format (EDM training/dataset.py), a zip or a folder of PNGs plus an optional dataset.json.
 # Shared by train_min.py and fid_min.py.
 
 class ImageDataset:
@@ -164,7 +164,7 @@ class ImageDataset:
             with open(os.path.join(self.path, name), 'rb') as f:
                 return f.read()
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise ValueError(f'cannot read {name} from {self.path}: {_first_line(e)}') from None
+            raise ValueError(f'cannot read {name} from {self.path}: {error_line(e)}') from None
 
     def _read_labels(self):
         if self._kind == 'zip':
@@ -223,13 +223,14 @@ def save_dataset(path, images, labels=None):
     meta = {'labels': None if labels is None else [[n, int(c)] for n, c in zip(names, labels)]}
     def png(x):
         return encode_png(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0))
-    tmp = f'{path}.tmp{os.getpid()}'
-    if str(path).endswith('.zip'):
-        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as z:
+    def write_zip(f):
+        with zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as z:
             for n, x in zip(names, images):
                 z.writestr(n, png(x))
             z.writestr('dataset.json', json.dumps(meta))
-        os.replace(tmp, path)
+    tmp = f'{path}.tmp{os.getpid()}'
+    if str(path).endswith('.zip'):
+        cli.atomic_write(path, write_zip)
     else:
         for n, x in zip(names, images):
             os.makedirs(os.path.join(tmp, os.path.dirname(n)), exist_ok=True)
@@ -238,6 +239,27 @@ def save_dataset(path, images, labels=None):
         with open(os.path.join(tmp, 'dataset.json'), 'w') as f:
             json.dump(meta, f)
         os.replace(tmp, path)
+
+#----------------------------------------------------------------------------
+# The order in which training reads a dataset: the concatenation of per-epoch random permutations (epoch e seeded
+# with [seed, e]). Iteration s uses stream positions [s B, (s+1) B); rank r of W takes the r-th of W equal slices
+# of that window. So which images an iteration sees depends only on the seed, the batch B and the image counter,
+# not on the number of processes, and a run resumed at image n restarts the stream exactly there.
+
+class InfiniteSampler:
+    """Endless dataset indices of one rank from global image `start` on (a sampler for torch's DataLoader)."""
+    def __init__(self, size, batch, seed=0, rank=0, num_replicas=1, start=0):
+        self.size, self.batch, self.seed, self.rank, self.num_replicas, self.start = size, batch, seed, rank, num_replicas, start
+
+    def __iter__(self):
+        per_rank, pos, epoch, order = self.batch // self.num_replicas, self.start, None, None
+        while True:
+            for i in range(pos + self.rank * per_rank, pos + (self.rank + 1) * per_rank):
+                if i // self.size != epoch:
+                    epoch = i // self.size
+                    order = np.random.RandomState([self.seed, epoch]).permutation(self.size)
+                yield int(order[i % self.size])
+            pos += self.batch
 
 #----------------------------------------------------------------------------
 # CIFAR-10 sources. The python tarball holds pickles (Python 2, numpy arrays). They are read by a restricted
@@ -497,11 +519,11 @@ def convert(source, dest, resolution=None, transform=None, max_images=None, prog
     if not str(dest).endswith('.zip'):
         raise ValueError(f'--dest must end in .zip: {dest}')
 
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp = f'{dest}.tmp{os.getpid()}'
     written, out_labels, first, t0, shown = 0, [], None, time.time(), 0.0
-    try:
-        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as z:
+
+    def write_zip(f):
+        nonlocal written, out_labels, first, shown
+        with zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as z:
             for idx in range(count):
                 # The archive name is the SOURCE index, as in EDM's dataset_tool: an image that
                 # center-crop-wide drops leaves a gap in the names, not a shift.
@@ -536,12 +558,11 @@ def convert(source, dest, resolution=None, transform=None, max_images=None, prog
                                  f'{width} pixels or too short for {width}x{height})')
             out_labels = out_labels if all(out_labels) else None
             z.writestr('dataset.json', json.dumps({'labels': out_labels}))
-        os.replace(tmp, dest)
+    try:
+        cli.atomic_write(dest, write_zip)
     finally:
         if progress and shown:
             print()
-        if os.path.exists(tmp):
-            os.remove(tmp)
     if progress:
         kinds = 'no labels' if out_labels is None else \
                 f'{len({c for _, c in out_labels if type(c) is int})} classes' if all(type(c) is int for _, c in out_labels) else 'label vectors'
@@ -568,11 +589,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.max_images is not None and args.max_images < 1:
         p.error('--max-images must be >= 1')
-    try:
+    with cli.cli_errors():
+        cli.check_output(args.dest, '--dest')      # a folder or an unwritable place fails before any image is read
         convert(args.source, args.dest, args.resolution, args.transform, args.max_images)
-    except (OSError, ValueError) as e:
-        msg = str(e.args[-1] if isinstance(e, FileNotFoundError) and e.args else e).strip().splitlines()
-        raise SystemExit(f'error: {msg[0] if msg else type(e).__name__}') from None
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""EDM-compatible FID (recipe F.2): Inception-v3 feature statistics and the Frechet distance.
+"""EDM-compatible FID (EDM's fid.py; the official validate_fid.sh: 50,000 images, seeds 0-49999, EMA weights):
+Inception-v3 feature statistics and the Frechet distance.
 
     python fid_min.py calc --images samples/ --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
     python fid_min.py calc --net ckpt.pt --num 50000 --ref cifar10-32x32.npz     # generate in memory, no files
@@ -9,11 +10,11 @@ Reference files are EDM's npz format (mu float64 [2048], sigma float64 [2048, 20
 statistics work unchanged. The detector is called as detector(uint8 [N, 3, H, W], return_features=True) ->
 float [N, 2048] at the dataset resolution (it resizes internally), exactly as EDM's fid.py calls it.
 
-Detector files (--detector, path or URL, cached like edm_nets.load_network):
+Detector files (--detector, path or URL, cached like safe_files.load_network):
 - default, DETECTOR_URL: StyleGAN2-ADA's inception-2015-12-05.pt, the TorchScript translation of TensorFlow's
   2015-12-05 Inception-v3 graph, loaded with torch.jit.load. It is the default because it needs no pickle at all.
 - EDM_DETECTOR_URL: NVIDIA's inception-2015-12-05.pkl that EDM's fid.py downloads and unpickles. We read it with
-  edm_nets.read_pickle (allow-listed globals only; an unknown global fails naming it; embedded Python source is
+  safe_files.read_pickle (allow-listed globals only; an unknown global fails naming it; embedded Python source is
   never run) and torch.jit.load the TorchScript archive stored inside it. Both files are published as the same
   translation of the same TensorFlow graph; their features were not compared here (no network access).
 - any TorchScript module with the same call signature (tests use a small stand-in).
@@ -25,22 +26,20 @@ network's forward pass is; only the pickle layer is reduced to plain data.
 """
 
 import argparse
-import io
-import math
 import os
-import zipfile
 
 import numpy as np
 import scipy.linalg
 import torch
 
+import cli
 import dataset_min
-import edm_nets
+import safe_files
 import sample_min
-from sample_min import init_distributed, parse_seeds
+from cli import init_distributed, parse_seeds
 
 #----------------------------------------------------------------------------
-# Feature statistics (edm-formats.md (c)): mu = sum(f) / N,
+# Feature statistics as EDM's fid.py computes them: mu = sum(f) / N,
 # sigma = (sum(f f^T) - N mu mu^T) / (N - 1), accumulated in float64.
 
 class FeatureStats:
@@ -90,7 +89,7 @@ def feature_stats(features):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """FID = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), real part (recipe F.2)."""
+    """FID = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), real part (Heusel et al. 2017)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -107,42 +106,21 @@ DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretraine
 EDM_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 
 
-def _torchscript_blobs(data):
-    """Every bytes value inside read_pickle data that looks like a zip archive (a torch.jit.save stream); each
-    object is visited once (edm_nets.pickle_values), so a pickle of shared children cannot make this hang."""
-    return [bytes(v) for v in edm_nets.pickle_values(data) if isinstance(v, (bytes, bytearray)) and bytes(v[:4]) == b'PK\x03\x04']
-
-
-TORCHSCRIPT_MAX_CODE = 64 * 2**20  # bytes of (deflated) TorchScript code a detector archive may declare
-
-
 def load_detector(source=DETECTOR_URL, device='cpu'):
-    """Feature detector from a TorchScript file or a pickle holding one (see the module docstring)."""
+    """Feature detector from a TorchScript file, a pickle holding one, or a toy classifier (module docstring)."""
     try:
-        path = edm_nets.open_url(source)
+        path = safe_files.open_url(source)
     except FileNotFoundError:
         raise
     except OSError as e:   # offline: say what to download and how to pass it
-        raise OSError(f'{str(e).splitlines()[0]} (fid_min.py: --detector PATH)') from None
-    with open(path, 'rb') as fh:
-        is_zip = fh.read(4) == b'PK\x03\x04'     # not zipfile.is_zipfile: a pickle holding an archive passes that
-    if is_zip and not _is_torchscript(path):      # a torch.save archive of plain weights (toy detector section)
+        raise OSError(f'{cli.error_line(e)} (fid_min.py: --detector PATH)') from None
+    if safe_files.is_zip(path) and not safe_files.is_torchscript(path):    # plain weights: the toy detector
         return load_toy_classifier(path, device)
-    if is_zip:
-        archive = path
-    else:
-        data = edm_nets.read_pickle(path)
-        blobs = _torchscript_blobs(data)
-        if len(blobs) != 1:
-            raise ValueError(f'{source}: expected one TorchScript archive inside the pickle, found {len(blobs)} '
-                             f'(its Python source is never executed); use the TorchScript file {DETECTOR_URL}')
-        archive = io.BytesIO(blobs[0])
-        archive.name = f'{source} (TorchScript archive inside)'
-    edm_nets.check_torch_zip(archive, TORCHSCRIPT_MAX_CODE)   # member sizes within the file before torch reads it
+    archive = safe_files.torchscript_archive(path, name=str(source))
     try:
         detector = torch.jit.load(archive, map_location=device)
     except RuntimeError as e:
-        raise ValueError(f'{source}: not a TorchScript module ({str(e).strip().splitlines()[0]})') from None
+        raise ValueError(f'{source}: not a TorchScript module ({cli.error_line(e)})') from None
     return detector.eval()
 
 
@@ -156,53 +134,6 @@ def detect(detector, images):
 #----------------------------------------------------------------------------
 # Image sources. Each rank takes every world-th image; statistics are summed across ranks afterwards.
 
-NPZ_IMAGES_MAX_BYTES = 4 * 2**30  # declared size of an image npz (decompressed twice, one image in memory at a time)
-
-
-class _NpzImages:
-    """uint8 images [N, H, W, C] of an npz (key "images", or "arr_0"), header checked before anything is
-    decompressed; image i comes out as [C, H, W]. The member is decompressed front to back as image_batches
-    asks for increasing indices, so memory holds one image whatever the file declares (a 1 MB deflated npz can
-    declare a 1 GB array); one full pass first verifies the CRC, so a corrupt file is never used."""
-    def __init__(self, path):
-        self.npz = edm_nets.NpzFile(path)
-        self.key = next((k for k in ('images', 'arr_0') if k in self.npz.files), None)
-        if self.key is None:
-            raise ValueError(f'{path}: no "images" (or "arr_0") array; keys: {", ".join(self.npz.files) or "none"}')
-        f, shape, dtype, fortran = self.npz.open(self.key)
-        if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3) or shape[1] != shape[2] or not 1 <= shape[1] <= 4096 or fortran:
-            raise ValueError(f'{path}: images must be uint8 [N, H, W, C] with H == W <= 4096 and C in (1, 3), '
-                             f'got {dtype} {list(shape)}')
-        if math.prod(shape) > NPZ_IMAGES_MAX_BYTES:
-            raise ValueError(f'{path}: {list(shape)} images declare {math.prod(shape):,} bytes, more than the limit of '
-                             f'{NPZ_IMAGES_MAX_BYTES:,} (fid_min.NPZ_IMAGES_MAX_BYTES)')
-        self.shape, self.size = shape, math.prod(shape[1:])
-        for done in range(0, math.prod(shape), 1 << 20):   # CRC check of the whole member, 1 MiB at a time
-            self.npz.read(f, min(1 << 20, math.prod(shape) - done))
-        f.close()
-        self.file, self.next = None, 0
-
-    def __len__(self):
-        return self.shape[0]
-
-    def __getitem__(self, i):
-        if self.file is None or i < self.next:     # (re)start at the first image
-            if self.file is not None:
-                self.file.close()
-            self.file, self.next = self.npz.open(self.key)[0], 0
-        while self.next < i:                       # skip, at most 1 MiB at a time
-            skip = min(i - self.next, max(1, (1 << 20) // self.size))
-            self.npz.read(self.file, skip * self.size)
-            self.next += skip
-        image = np.frombuffer(self.npz.read(self.file, self.size), np.uint8).reshape(self.shape[1:])
-        self.next = i + 1
-        return image.transpose(2, 0, 1)           # HWC -> CHW
-
-
-def _load_npz_images(path):
-    return _NpzImages(path)
-
-
 def image_batches(source, num=None, batch=64, rank=0, world=1, device='cpu'):
     """Yield uint8 [B, C, H, W] batches from a folder / zip of PNGs (EDM's dataset format) or an npz.
     num=None takes every image; otherwise exactly num, a random subset (seed 0) when there are more, as
@@ -210,7 +141,7 @@ def image_batches(source, num=None, batch=64, rank=0, world=1, device='cpu'):
     if not os.path.exists(source):
         raise FileNotFoundError(f'no such file or folder: {source}')
     if str(source).endswith('.npz'):
-        array = _load_npz_images(source)
+        array = safe_files.NpzImages(source)
         count, read = len(array), (lambda i: array[i])
     else:
         dataset = dataset_min.ImageDataset(source, use_labels=False)
@@ -238,35 +169,12 @@ def compute_stats(batches, detector, device='cpu', total=None, rank=0):
     return stats.reduce()
 
 
-REF_MAX_DIM = 4096  # feature dimension D of reference statistics (Inception-v3: 2048)
-
-
-def load_ref(source):
-    """(mu, sigma) of an EDM reference npz, path or URL: float arrays mu [D], sigma [D, D] with D <= REF_MAX_DIM,
-    checked from their headers before anything is decompressed, and finite (FID of NaN statistics is no result)."""
-    if not str(source).split('?')[0].lower().endswith('.npz'):
-        raise ValueError(f'{source}: reference statistics must be an .npz file (arrays mu and sigma, as EDM publishes)')
-    path = edm_nets.open_url(source)
-    with edm_nets.NpzFile(path) as f:
-        if 'mu' not in f.files or 'sigma' not in f.files:
-            raise ValueError(f'{source}: reference statistics need arrays mu and sigma; keys: {", ".join(f.files) or "none"}')
-        (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = (f.open(k)[1:3] for k in ('mu', 'sigma'))
-        d = mu_shape[0] if len(mu_shape) == 1 else -1
-        if not 1 <= d <= REF_MAX_DIM or tuple(sigma_shape) != (d, d) or mu_dtype.kind != 'f' or sigma_dtype.kind != 'f':
-            raise ValueError(f'{source}: mu must be float [D] and sigma float [D, D] with D <= {REF_MAX_DIM}, '
-                             f'got {mu_dtype} {list(mu_shape)} and {sigma_dtype} {list(sigma_shape)}')
-        mu, sigma = f.array('mu', 8 * d).astype(np.float64), f.array('sigma', 8 * d * d).astype(np.float64)
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f'{source}: mu or sigma contains NaN or inf')
-    return mu, sigma
-
-
 def save_ref(path, mu, sigma):
-    sample_min.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+    cli.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 #----------------------------------------------------------------------------
 # Toy detector: the toy demo's Inception. A small CNN classifier of the 10 toy classes of shapes, trained by
-# `python train_min.py toy-classifier` (assets/toy-classifier.pt). Its penultimate features (the global average
+# `python toy.py classifier` (assets/toy-classifier.pt). Its penultimate features (the global average
 # of the last convolution map) at the full 32x32 resolution give the "toy FID", with the statistics and the
 # Frechet distance above; its argmax gives the class accuracy of conditional samples. Unlike a distance of
 # images pooled to 8x8 it sees texture: a classifier that never saw speckle or blur responds to both (the test
@@ -301,37 +209,20 @@ class ToyClassifier(torch.nn.Module):
         return features if return_features else self.fc(features)
 
 
-def _is_torchscript(path):
-    # Both torch.jit.save and torch.save write zip archives; only TorchScript's holds constants.pkl (and code/).
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith('/constants.pkl') for n in z.namelist())
-    except zipfile.BadZipFile:
-        return True         # let torch.jit.load report it
-
-
 def load_toy_classifier(path, device='cpu'):
-    """A ToyClassifier in eval mode from a gdd-min toy-classifier file. The architecture is checked against the
-    stored weights on the meta device (no memory) before anything is allocated."""
-    ckpt = edm_nets.load_torch_file(path)     # validated torch.load (weights_only), one-line errors
+    """A ToyClassifier in eval mode from a gdd-min toy-classifier file: plain weights, read and checked like every
+    network file (safe_files.build_network: bounded init_kwargs, tensors against the meta-device network)."""
+    ckpt = safe_files.load_torch_file(path)
     if not isinstance(ckpt, dict) or ckpt.get('format') != TOY_CLASSIFIER_FORMAT:
         raise ValueError(f'{path}: not a TorchScript module, nor a {TOY_CLASSIFIER_FORMAT} file (a torch.save archive of something else)')
-    kwargs, state = ckpt.get('init_kwargs'), ckpt.get('state_dict')
-    ok = (isinstance(kwargs, dict) and set(kwargs) == {'img_resolution', 'img_channels', 'num_classes', 'channels'}
-          and all(isinstance(kwargs[k], int) and 1 <= kwargs[k] <= 4096 for k in ('img_resolution', 'img_channels', 'num_classes'))
-          and isinstance(kwargs['channels'], (list, tuple)) and 1 <= len(kwargs['channels']) <= 8
-          and all(isinstance(w, int) and 1 <= w <= 4096 for w in kwargs['channels']) and isinstance(state, dict))
-    if not ok:
-        raise ValueError(f'{path}: bad init_kwargs or state_dict in the toy classifier file')
-    with torch.device('meta'):
-        want = {k: (v.shape, v.dtype) for k, v in ToyClassifier(**kwargs).state_dict().items()}
-    have = {k: (v.shape, v.dtype) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
-    if have != want:
-        bad = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
-        raise ValueError(f'{path}: toy classifier weights do not match its init_kwargs ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})')
-    net = ToyClassifier(**kwargs)
-    net.load_state_dict(state)
+    if not isinstance(ckpt.get('state_dict'), dict):
+        raise ValueError(f'{path}: the toy classifier file holds no state_dict')
+    try:
+        net = safe_files.build_network('ToyClassifier', ckpt.get('init_kwargs'), ckpt.get('state_dict'), {'ToyClassifier': ToyClassifier})
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from None
     return net.eval().requires_grad_(False).to(device)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -358,9 +249,9 @@ def main(argv=None):
         if args.cmd == 'calc' and args.num < 2:
             raise ValueError(f'--num must be >= 2 (a covariance needs two images), got {args.num}')
         if args.cmd == 'ref':
-            sample_min.check_output(args.dest, '--dest')
+            cli.check_output(args.dest, '--dest')
         if args.cmd == 'calc':
-            mu_ref, sigma_ref = load_ref(args.ref)                  # fail on a bad reference before any work
+            mu_ref, sigma_ref = safe_files.load_ref(args.ref)       # fail on a bad reference before any work
         detector = load_detector(args.detector, device)
         if args.cmd == 'ref':
             stats = compute_stats(image_batches(args.data, None, args.batch, rank, world, device), detector, device, rank=rank)
@@ -384,8 +275,8 @@ def main(argv=None):
             fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
             print(f'FID {fid:.4f} ({stats.n} images)')
             return fid
-    except sample_min.EXPECTED_ERRORS as e:           # sample_min.cli_errors(), as the except clause of this try
-        raise SystemExit(f'error: {sample_min.error_line(e)}') from None
+    except cli.EXPECTED_ERRORS as e:           # cli.cli_errors(), as the except clause of this try
+        raise SystemExit(f'error: {cli.error_line(e)}') from None
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

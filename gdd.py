@@ -1,16 +1,17 @@
 """GDD / GDD-I: a pretrained EDM diffusion model is, unchanged, a one-step generator x = D(80 z; 80), fine-tuned
 with a GAN loss only ("Diffusion Models Are Innate One-Step Generators", Zheng & Yang, arXiv 2405.20750; also
-D2O / D2O-F, arXiv 2506.09376). Read top to bottom beside the paper; "recipe X.n" points to the sections of
-the method reference (formulas, hyperparameters, quirks of the official code).
+D2O / D2O-F, arXiv 2506.09376). Read top to bottom beside the paper:
 
   1. the generator: the teacher's network with a slightly shifted preconditioning, evaluated at sigma = 80
   2. layer freezing (GDD-I): ~85% of the U-Net stays at its pretrained values
   3. the projected discriminator: frozen features -> frozen random projections -> trainable mini-discriminators
   4. losses, optimizers and one training iteration (G step, D step, lazy R1 step)
   5. the EMA of the generator
+
+"Official" cites the authors' code (github.com/Zyriix/D2O, file:line); README lists where we differ from it
+("Official-code quirks", numbered) and why.
 """
 
-import copy
 import math
 
 import torch
@@ -21,17 +22,18 @@ import backbones
 import edm_nets
 
 #----------------------------------------------------------------------------
-# 1. The one-step generator (recipe A).
+# 1. The one-step generator x = D(80 z; 80, c) (D2O Fig. 1B; official training/loss.py:216-219, generate.py:71-79).
 
-SIGMA_MAX = 80.0        # the fixed noise level of the generator, in training and sampling (recipe A.3)
+SIGMA_MAX = 80.0        # the fixed noise level of the generator, in training and sampling
 
 class GDDPrecond(edm_nets._Precond):
-    """EDM preconditioning with the minimum noise level eps as a boundary (recipe A.2):
+    """EDM's preconditioning (EDM Eq. 7, Table 1) with the minimum noise level eps as a boundary, the official
+    D2OPrecond (training/networks.py:533-582, eps at :554, coefficients at :570-573):
         D(x; sigma, c) = c_skip x + c_out F(c_in x; c_noise, c)
         c_skip = sd^2 / ((sigma - eps)^2 + sd^2),  c_out = (sigma - eps) sd / sqrt(sigma^2 + sd^2),
         c_in = 1 / sqrt(sigma^2 + sd^2),            c_noise = ln(sigma) / 4.
     With eps = 0 this is EDMPrecond exactly; at sigma = eps it returns x (c_skip = 1, c_out = 0).
-    Only the one-step use sigma = 80 is implemented: the official multi-step path is broken (quirk I.9)."""
+    Only the one-step use sigma = 80 is implemented: the official multi-step path is broken (quirk 9)."""
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
                  sigma_data=0.5,        # expected standard deviation of the data
                  eps=0.002,             # minimum noise level, the boundary of the preconditioning
@@ -53,11 +55,11 @@ class GDDPrecond(edm_nets._Precond):
 
 
 def generator_from_teacher(teacher, use_fp16=False):
-    """The student: the teacher's architecture (augment_dim = 0, dropout = 0, label_dropout = 0; use_fp16 = run
-    the U-Net in bfloat16 on CUDA, recipe A.4, all paper presets) with every
-    parameter and buffer copied by name from the teacher's 'ema' network (recipe A.1, quirk I.13). Names the
-    teacher lacks keep their init; shape mismatches are skipped with a note; teacher entries the student
-    lacks (the augmentation embedding map_augment) are dropped with a note."""
+    """The student: the teacher's architecture with augment_dim = 0, dropout = 0 and label_dropout = 0, and every
+    parameter and buffer (NCSN++'s Fourier frequencies included) copied by name from the teacher's 'ema' network
+    (official training/training_loop.py:210-211). Names the teacher lacks keep their init; shape mismatches are
+    skipped with a note; teacher entries the student lacks (the augmentation embedding map_augment) are dropped
+    with a note. use_fp16: run the U-Net in bfloat16 on CUDA (all paper presets, official train.py:104, :207)."""
     if type(teacher).__name__ != 'EDMPrecond':
         raise ValueError(f'GDD starts from an EDMPrecond teacher, got {type(teacher).__name__}')
     kwargs = {k: v for k, v in teacher.init_kwargs.items() if k not in ('sigma_min', 'sigma_max')}
@@ -76,56 +78,23 @@ def generator_from_teacher(teacher, use_fp16=False):
 
 
 def generate(G, z, class_labels=None):
-    """One-step generation (recipe A.3): x = D(80 z; 80, c), z ~ N(0, I). Float32, not clipped."""
+    """One-step generation x = D(80 z; 80, c), z ~ N(0, I). Float32, not clipped: D sees the raw output."""
     sigma = torch.full([z.shape[0]], SIGMA_MAX, device=z.device)
     return G(SIGMA_MAX * z, sigma, class_labels)
 
 
-def load_generator(source, device='cpu'):
-    """A generator for sampling, in eval mode: a gdd-min checkpoint ('ema'), an official GDD/D2O release pickle
-    (class D2OPrecond, rebuilt as GDDPrecond), or an EDM teacher pickle (returned as its EDM wrapper; tell them
-    apart with isinstance(net, GDDPrecond)). Nothing in the file is executed, and everything is validated by
-    edm_nets (file structure, init_kwargs, state_dict names / shapes / dtypes, finite values)."""
-    path = edm_nets.open_url(source)
-    if edm_nets.is_zip(path):
-        return _fp32(edm_nets.load_network(path, classes={'GDDPrecond': GDDPrecond}, device=device))
-    data = edm_nets.read_pickle(path)
-    ema = data.get('ema') if isinstance(data, dict) else None
-    if not isinstance(ema, edm_nets.Persistent):
-        raise ValueError(f'{path}: no network under key "ema"')
-    if ema.init_args:
-        raise ValueError(f'{path}: positional init_args (EDM passes every constructor argument by name)')
-    try:
-        state_dict = edm_nets.persistent_state_dict(ema)     # also checks the module tree's structure
-        if ema.class_name != 'D2OPrecond':
-            return _fp32(edm_nets.build_network(ema.class_name, ema.init_kwargs, state_dict).eval().to(device))
-        # The release's wrapper = EDM-style preconditioning with eps = 0.002 around the U-Net child 'model'.
-        model = ema.state.get('_modules', {}).get('model')
-        if not isinstance(model, edm_nets.Persistent):
-            raise ValueError('D2OPrecond without a U-Net child "model"')
-        attr = lambda k, default=None: ema.state.get(k, ema.init_kwargs.get(k, default))
-        model_kwargs = {k: v for k, v in model.init_kwargs.items()
-                        if k not in ('img_resolution', 'in_channels', 'out_channels', 'label_dim')}
-        kwargs = dict(img_resolution=attr('img_resolution'), img_channels=attr('img_channels'), label_dim=attr('label_dim', 0),
-                      use_fp16=bool(attr('use_fp16', False)), sigma_data=attr('sigma_data', 0.5),
-                      model_type=model.class_name, **model_kwargs)
-        net = edm_nets.build_network('GDDPrecond', kwargs, state_dict, classes={'GDDPrecond': GDDPrecond})
-    except ValueError as e:
-        raise ValueError(f'{path}: {e}') from None
-    return _fp32(net.eval().to(device))
-
-
-def _fp32(net):
-    # Recipe A.4 / F.2: sampling and evaluation run in fp32, even for networks trained with use_fp16 (the
-    # official release files and the ImageNet ADM teacher say use_fp16=True; on CUDA that would mean bf16 here).
-    net.use_fp16 = False
+def fp32(net):
+    """Sampling and evaluation run in fp32 (official generate.py and fid.py), also for networks trained with
+    use_fp16 (the release files and the ImageNet ADM teacher say use_fp16=True). Returns net."""
+    net.use_fp16 = net.init_kwargs['use_fp16'] = False
     return net
 
 #----------------------------------------------------------------------------
-# 2. Layer freezing, GDD-I (recipe D.1). A parameter is frozen iff its name contains one of block/up/down/in
-# AND one of the level's substrings. The tests are literal substring tests ('in' matches the bottleneck
-# blocks ..._in0/_in1, 'conv' matches conv0/conv1). This is the official optimizer's rule; the narrower copy
-# of the rule in the official loss only wastes gradients (quirk I.1), so there is one rule here.
+# 2. Layer freezing, GDD-I (GDD Abstract; D2O Fig. 1C: the convolutions and the attention projection frozen;
+# official train.py:244-253, training/training_loop.py:162-170). A parameter is frozen iff its name contains one
+# of block/up/down/in AND one of the level's substrings. The tests are literal substring tests ('in' matches the
+# bottleneck blocks ..._in0/_in1, 'conv' matches conv0/conv1). This is the official optimizer's rule; the
+# narrower copy of it in the official loss only wastes gradients (quirk 1), so there is one rule here.
 
 FREEZE_LEVELS = {
     0: (),                                  # GDD: nothing frozen
@@ -144,15 +113,11 @@ def freeze_generator(G, freeze, verbose=True):
     list goes to the optimizer, no Adam state). Returns (trainable parameters, num trainable, num frozen)."""
     if freeze not in FREEZE_LEVELS:
         raise ValueError(f'freeze must be one of {sorted(FREEZE_LEVELS)}, got {freeze}')
-    trainable, n_train, n_frozen = [], 0, 0
+    trainable, frozen = [], []
     for name, p in G.named_parameters():
-        frozen = is_frozen(name, freeze)
-        p.requires_grad_(not frozen)
-        if frozen:
-            n_frozen += p.numel()
-        else:
-            trainable.append(p)
-            n_train += p.numel()
+        p.requires_grad_(not is_frozen(name, freeze))
+        (trainable if p.requires_grad else frozen).append(p)
+    n_train, n_frozen = (sum(p.numel() for p in params) for params in (trainable, frozen))
     if verbose:
         total = n_train + n_frozen
         print(f'Generator parameters: {total:,} total, {n_train:,} trainable, {n_frozen:,} frozen '
@@ -160,82 +125,20 @@ def freeze_generator(G, freeze, verbose=True):
     return trainable, n_train, n_frozen
 
 #----------------------------------------------------------------------------
-# 3. The projected discriminator (recipe E, Projected GAN / StyleGAN-XL design):
+# 3. The projected discriminator (Projected GAN, arXiv 2111.01007, as in StyleGAN-XL; official
+# pg_modules/discriminator.py:256, pg_modules/projector.py):
 #    x -> frozen feature network (4 maps) -> frozen random CCM + CSM -> trainable mini-discriminators -> logits.
 # A feature network is any module with forward(x in [-1, 1]) -> list of maps and attribute .channels; the
-# ImageNet backbones of backbones.py (which do their own normalisation and 224-pixel resize, E.3) and the
-# teacher's own encoder below both plug in.
-
-TEACHER_FEATURE_SIGMA = 0.5     # noise level at which the teacher encoder looks at images (see TeacherFeatures)
-
-class _StopForward(Exception):
-    pass
-
-
-class TeacherFeatures(nn.Module):
-    """The frozen teacher's U-Net encoder as a feature network (no download needed). The clean image is given
-    to the denoiser labelled with a fixed small noise level sigma (no noise is added, so the features are
-    deterministic and R1 sees a fixed function); the maps are the encoder outputs at the end of each
-    resolution level (R, R/2, ...). The decoder is never run: a hook stops the forward after the last tap.
-    Why sigma = 0.5 (= sigma_data): at large sigma a denoiser only sees the coarse layout; below that the choice
-    matters little. Measured on the toy demo: 8x8 Frechet distance after 250 steps 0.85 at sigma 0.1 and 0.5,
-    1.49 at sigma 2; toy FID / accuracy of the toy preset at 16 kimg 5.00 / 41.7% at sigma 0.5, 4.64 / 39.6% at
-    0.05. At every sigma from 0.02 to 0.5 the encoder is nearly blind to pixel noise (its taps move by 0.5% of
-    their variance across images for noise of 3 uint8 levels), which is why the toy student keeps some speckle.
-    Class labels are not passed (a conditional teacher sees its all-zero label row); the discriminator's
-    conditional head handles the classes."""
-    def __init__(self, teacher, sigma=TEACHER_FEATURE_SIGMA):
-        super().__init__()
-        self.net = copy.deepcopy(teacher).eval().requires_grad_(False)
-        self.sigma = sigma
-        enc = self.net.model.enc
-        last = {}                                   # resolution prefix '16x16' -> last module of that level
-        for name in enc:
-            last[name.split('_')[0]] = name
-        self.tap_names = list(last.values())
-        self._maps = None
-        for i, name in enumerate(self.tap_names):
-            enc[name].register_forward_hook(self._hook(i))
-        R = teacher.img_resolution
-        with torch.no_grad():
-            self.channels = [m.shape[1] for m in self(torch.zeros([1, teacher.img_channels, R, R], device=next(self.net.parameters()).device))]
-
-    def _hook(self, i):
-        def hook(module, inputs, output):
-            self._maps.append(output)
-            if i == len(self.tap_names) - 1:
-                raise _StopForward
-        return hook
-
-    def train(self, mode=True):
-        return super().train(False)                 # frozen: dropout off, always
-
-    def forward(self, x):
-        self._maps = []
-        sigma = torch.full([x.shape[0]], self.sigma, device=x.device)
-        try:
-            self.net(x, sigma, None, force_fp32=True)
-        except _StopForward:
-            pass
-        maps, self._maps = self._maps, None
-        return maps
-
-
-@torch.no_grad()
-def _default_init_(conv, generator):
-    # PyTorch's default Conv2d init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias, from a local generator.
-    bound = 1 / math.sqrt(conv.weight[0].numel())
-    for p in (conv.weight, conv.bias):
-        p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
-
+# ImageNet backbones of backbones.py (which do their own normalisation and 224-pixel resize) and the toy demo's
+# backbones.TeacherFeatures both plug in.
 
 class RandomProjection(nn.Module):
-    """Frozen random cross-channel (CCM) and cross-scale (CSM) mixing (recipe E.5), never trained.
+    """Frozen random cross-channel (CCM) and cross-scale (CSM) mixing (Projected GAN Sec. 3), never trained.
     CCM: 1x1 conv per tap to cout * [1, 2, 4, 8] channels. CSM, top down: s_i = conv(up2(m_i + s_{i+1})),
     bilinear x2 with align_corners=True, 1x1 convs halving the channels (the last keeps them); no activations.
     So map i has twice tap i's resolution, with cout * [1, 1, 2, 4] channels.
-    The weights come from an explicit seed, so every rank of a multi-GPU run builds the same projections.
-    (Quirk I.5: the official code seeds them differently per rank; we deliberately do not.)"""
+    PyTorch's default conv init from an explicit seed, so every rank of a multi-GPU run builds the same
+    projections (the official code seeds them differently per rank, quirk 5)."""
     def __init__(self, channels, cout=64, seed=0):
         super().__init__()
         widths = [cout * 2 ** i for i in range(len(channels))]
@@ -244,7 +147,7 @@ class RandomProjection(nn.Module):
         self.channels = [widths[max(i - 1, 0)] for i in range(len(widths))]
         g = torch.Generator().manual_seed(seed)
         for conv in [*self.ccm, *self.csm]:
-            _default_init_(conv, g)
+            backbones.default_init_(conv, g)
         self.requires_grad_(False)
 
     def forward(self, taps):
@@ -256,14 +159,15 @@ class RandomProjection(nn.Module):
         return maps
 
 
-# Mini-discriminator widths by resolution (recipe E.7); the start resolution takes the input's channels.
+# Mini-discriminator widths by resolution (official pg_modules/discriminator.py, as in Projected GAN); the start
+# resolution takes the input's channels.
 D_CHANNELS = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
 
 class SNConv2d(nn.Conv2d):
     """Conv2d with spectral normalisation, W_SN = W / sigma(W) (Miyato et al. 2018), sigma estimated by power
     iteration on W as a [c_out, c_in k k] matrix, in the semantics of the legacy torch.nn.utils.spectral_norm
-    that the official heads use (recipe E.7; the newer torch.nn.utils.parametrizations version differs in both
-    points below, which moves G and D gradients by up to 1e-2 relative in the first iterations):
+    that the official heads use (pg_modules/blocks.py:6-21; the newer torch.nn.utils.parametrizations version
+    differs in both points below, and so moves G and D gradients in the first iterations, README):
     - construction: u ~ N(0, I_{c_out}) then v ~ N(0, I_{c_in k k}) from the global RNG, each normalised; no
       warm-up iteration;
     - every training-mode call first runs ONE power iteration, v first: v <- W^T u / |W^T u|, u <- W v / |W v|
@@ -296,23 +200,16 @@ class SNConv2d(nn.Conv2d):
 
 
 class MiniDiscriminator(nn.Module):
-    """Recipe E.7: from a nominal start resolution down to 8 with DownBlocks (spectral-normalised 4x4 conv,
-    stride 2, with bias -> BatchNorm -> LeakyReLU 0.2), then a spectral-normalised 4x4 conv (stride 1, no
-    padding, no bias) to one logit per patch, or to cmap_dim channels for the conditional projection (E.8):
-    logit = <h, proj(embed(c))> / sqrt(cmap_dim) at every patch.
-    Checked against the official code: one full iteration (G step, D step, R1 step, EMA) on the CIFAR-10 presets
-    (freeze 1 and 0, NCSN++ generator, VGG16-BN + EfficientNet-lite0 discriminator), from the same weights and
-    inputs, equals it stage by stage to float32 rounding (generator outputs, 224-px inputs, backbone taps,
-    projections, logits, gradients, Adam steps, BatchNorm statistics, u and v, EMA) once the heads use the
-    legacy power-iteration order of SNConv2d. What differs is documented where it happens: the official loss's
-    narrower freezing rule only wastes gradients on 16 tensors (quirk I.1, section 2), the official random
-    projections are seeded per rank (quirk I.5, RandomProjection), the data order (train_min.py), and the official
-    loop's module-summary forward, which advances u and v once before the first iteration (we do not run it)."""
+    """One mini-discriminator (official pg_modules/discriminator.py, Projected GAN): from a nominal start
+    resolution down to 8 with DownBlocks (spectral-normalised 4x4 conv, stride 2, with bias -> BatchNorm ->
+    LeakyReLU 0.2, pg_modules/blocks.py), then a spectral-normalised 4x4 conv (stride 1, no padding, no bias) to
+    one logit per patch, or to cmap_dim channels for the conditional projection (Miyato & Koyama 2018, official
+    pg_modules/discriminator.py:58-118): logit = <h, proj(embed(c))> / sqrt(cmap_dim) at every patch."""
     def __init__(self, in_channels, start_res,
                  label_dim=0,       # 0 = unconditional
-                 width=1.0,         # multiplier on D_CHANNELS (1 = recipe; the toy uses less)
-                 cmap_dim=64,       # conditional projection width (E.8)
-                 embed_dim=320):    # class-embedding width (E.8: EfficientNet-lite0's last width)
+                 width=1.0,         # multiplier on D_CHANNELS (1 = official; the toy uses less)
+                 cmap_dim=64,       # conditional projection width
+                 embed_dim=320):    # class-embedding width (EfficientNet-lite0's last width)
         super().__init__()
         layers, c, res = [], in_channels, start_res
         while res > 8:
@@ -322,9 +219,9 @@ class MiniDiscriminator(nn.Module):
         self.main = nn.Sequential(*layers)
         self.final = SNConv2d(c, cmap_dim if label_dim else 1, 4, 1, 0, bias=False)
         if label_dim:
-            # Quirk I.10: upstream starts from StyleGAN-XL's pretrained 1000 x 320 ImageNet class table (rows
-            # 0-9 for CIFAR-10); that asset is not available offline, so the table starts N(0, 1) (the official
-            # rand_embedding fallback). Trainable either way.
+            # Upstream starts from StyleGAN-XL's pretrained 1000 x 320 ImageNet class table (rows 0-9 for
+            # CIFAR-10), an asset that is not a released file; the table starts N(0, 1), the official
+            # rand_embedding fallback (quirk 10). Trainable either way.
             self.embed = nn.Parameter(torch.randn(label_dim, embed_dim))
             # StyleGAN2 fully connected layer with equalised lr: weight N(0, 1) scaled by 1/sqrt(fan_in) at
             # run time, bias 0, then lrelu(0.2) * sqrt(2).
@@ -342,14 +239,14 @@ class MiniDiscriminator(nn.Module):
 
 
 class ProjectedDiscriminator(nn.Module):
-    """forward(x, c) -> one [b, P_k] logit tensor per feature network k (recipe B.1). Feature networks and
-    projections are frozen and always in eval mode; the mini-discriminators are trained and always in train
-    mode (BatchNorm normalises each call with its own batch statistics, quirk I.6), so the training loop never
+    """forward(x, c) -> one [b, P_k] logit tensor per feature network k. Feature networks and projections are
+    frozen and always in eval mode; the mini-discriminators are trained and always in train mode (BatchNorm
+    normalises each call with its own batch statistics, quirk 6), so the training loop never
     switches D to eval. Only `heads` holds trainable parameters."""
     def __init__(self, features,        # dict name -> feature network (forward(x) -> maps, .channels)
                  start_res,             # dict name -> nominal start resolution of each map's mini-discriminator
                  label_dim=0,
-                 cout=64,               # CCM width (E.5)
+                 cout=64,               # CCM width
                  width=1.0,             # mini-discriminator width multiplier
                  proj_seed=0):          # seed of the frozen random projections (identical on every rank)
         super().__init__()
@@ -375,28 +272,30 @@ class ProjectedDiscriminator(nn.Module):
 
 
 def build_discriminator(feature_names, teacher, label_dim=0, width=1.0, cout=64, proj_seed=0,
-                        backbone_weights=None, teacher_sigma=TEACHER_FEATURE_SIGMA):
-    """The discriminator of the presets. 'teacher' = TeacherFeatures; its mini-discriminators start at the true
-    size of each map (2R, R, R/2, ... -> down to 8 -> 5x5 patch logits). The ImageNet backbones (backbones.py,
+                        backbone_weights=None, teacher_sigma=backbones.TEACHER_FEATURE_SIGMA):
+    """The discriminator of the presets. 'teacher' = backbones.TeacherFeatures; its mini-discriminators start at
+    the true size of each map (2R, R, R/2, ... -> down to 8 -> 5x5 patch logits). The ImageNet backbones (backbones.py,
     weights from backbone_weights[name] or backbones.WEIGHT_URLS) use the nominal 256-pixel geometry of the
     official code, starts [128, 64, 32, 16] although the real maps are 112/56/28/14 (224/.../28 for VGG): so
-    4x4 (11x11) logit maps and 4/3/2/1 down-blocks (recipe E.7, quirk I.4)."""
+    4x4 (11x11) logit maps and 4/3/2/1 down-blocks (official pg_modules/discriminator.py:311-312, quirk 4)."""
     features, start_res = {}, {}
     for name in feature_names:
         if name == 'teacher':
-            features[name] = TeacherFeatures(teacher, teacher_sigma)
+            features[name] = backbones.TeacherFeatures(teacher, teacher_sigma)
             R = teacher.img_resolution
             start_res[name] = [2 * R >> i for i in range(len(features[name].channels))]
         else:
             weights = (backbone_weights or {}).get(name, backbones.WEIGHT_URLS.get(name))
-            features[name] = backbones.build_backbone(name, weights=weights, seed=proj_seed + 1000)  # own stream, not a projection's
+            # The random layers of a backbone (DeiT's) draw from their own seed, not from a projection's.
+            features[name] = backbones.build_backbone(name, weights=weights, seed=proj_seed + 1000)
             start_res[name] = [128, 64, 32, 16]
     return ProjectedDiscriminator(features, start_res, label_dim, cout, width, proj_seed)
 
 #----------------------------------------------------------------------------
-# 4. Losses, optimizers, one training iteration (recipe B, C.1).
+# 4. Losses, optimizers, one training iteration: a GAN loss alone, no distillation loss (D2O Abstract; official
+# training/loss.py:221-260).
 #
-# Reductions (recipe B.1/B.2/B.6, quirk I.2). Per image i, feature network k: mean over P_k patch logits;
+# Reductions (official training/loss.py:239-313, quirk 2). Per image i, feature network k: mean over P_k logits;
 # then SUMS over images and feature networks; R1 is a MEAN over images. Upstream takes these sums over the
 # per-GPU batch b and DDP averages over GPUs, so its objective is (b / B) sum over the global batch of B images,
 # and the R1/main balance depends on b. We make that number explicit, the reduction batch `loss_batch`:
@@ -405,31 +304,29 @@ def build_discriminator(feature_names, teacher, label_dim=0, width=1.0, cout=64,
 # r1_scale = 1 / B, and ranks SUM their gradients: the result does not depend on how the global batch is split
 # into ranks and accumulation chunks. loss_batch = b of the release script reproduces upstream exactly.
 #
-# Per-call state (quirk I.6): BatchNorm in D normalises with each call's batch, and every training-mode call
-# advances the spectral-norm power iteration (SNConv2d: one v-then-u step per call, G steps included). So that a rank processing n chunks behaves like n ranks holding
-# one chunk each, every chunk of a phase starts from the power-iteration vectors the phase started with (they
+# Per-call state (quirk 6): BatchNorm in D normalises with each call's batch, and every training-mode call
+# advances the spectral-norm power iteration (SNConv2d: one v-then-u step per call, G steps included). So that a
+# rank processing n chunks behaves like n ranks holding one chunk each, every chunk of a phase starts from the
+# power-iteration vectors the phase started with (they
 # depend only on the weights, which do not change within a phase). BatchNorm running statistics also advance
 # per call; D never uses them (always in train mode), so they are not part of this equivalence.
 
-R1_INTERVAL = 16        # lazy regularisation: R1 every 16th iteration, gain 16 (recipe B.4)
-
-def softplus_mean_sum(logits, sign):
-    """sum_k sum_i mean_j softplus(sign * l_kij) over the per-feature-network [b, P_k] logit tensors."""
-    return sum(F.softplus(sign * l).mean(dim=1).sum() for l in logits)
-
+R1_INTERVAL = 16        # StyleGAN2 Sec. 3.1, lazy regularisation: R1 every 16th iteration, gain 16
 
 def generator_loss(logits_fake):
-    # Non-saturating G loss (recipe B.2): sum_i sum_k mean_j softplus(-l(G(z_i), c_i)).
-    return softplus_mean_sum(logits_fake, -1)
+    # Non-saturating G loss (official training/loss.py:239): sum_i sum_k mean_j softplus(-l_kij(G(z_i), c_i)),
+    # over the per-feature-network [b, P_k] logit tensors.
+    return sum(F.softplus(-l).mean(dim=1).sum() for l in logits_fake)
 
 
 def discriminator_loss(logits_fake, logits_real):
-    # Recipe B.2: sum_i sum_k mean_j [softplus(l(fake)) + softplus(-l(real))].
-    return softplus_mean_sum(logits_fake, 1) + softplus_mean_sum(logits_real, -1)
+    # Official training/loss.py:273, :282: sum_i sum_k mean_j [softplus(l(fake)) + softplus(-l(real))].
+    return sum(F.softplus(l).mean(dim=1).sum() for l in logits_fake) + sum(F.softplus(-l).mean(dim=1).sum() for l in logits_real)
 
 
 def r1_penalty(D, x_real, c):
-    """Per-image squared gradient norm ||d/dx sum_k sum_j l_kj(x, c)||^2 on real images (recipe B.4), taken
+    """R1 (Mescheder et al. 2018) as the official training/loss.py:296-313 computes it: the per-image squared
+    gradient norm ||d/dx sum_k sum_j l_kj(x, c)||^2 on real images, of the SUM of all logits (quirk 3), taken
     through the frozen features and projections (double backprop). Returns [b]."""
     x = x_real.detach().requires_grad_(True)
     logit_sum = sum(l.sum() for l in D(x, c))
@@ -438,15 +335,17 @@ def r1_penalty(D, x_real, c):
 
 
 def sanitize_grads(params):
-    # Recipe B.5: NaN -> 0, +inf -> 1e5, -inf -> -1e5, in place. No clipping, no weight decay.
+    # As the official loop after every backward: NaN -> 0, +inf -> 1e5, -inf -> -1e5, in place. No clipping,
+    # no weight decay.
     for p in params:
         if p.grad is not None:
             torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
 
 
 def make_optimizers(G_params, D, lr, dlr):
-    """Recipe C.1: Adam, no schedule. G: betas (0, 0.99). D: StyleGAN2's lazy-regularisation correction for an R1
-    interval of 16, lr * 16/17 and beta2 = 0.99^(16/17), applied to every D step (main and R1)."""
+    """Adam, no schedule (official training/training_loop.py:176, :184). G: betas (0, 0.99). D: StyleGAN2's
+    lazy-regularisation correction for an R1 interval of 16 (StyleGAN2 Sec. 3.1), lr * 16/17 and beta2 =
+    0.99^(16/17), applied to every D step (main and R1)."""
     ratio = R1_INTERVAL / (R1_INTERVAL + 1)
     opt_G = torch.optim.Adam(G_params, lr=lr, betas=(0.0, 0.99), eps=1e-8)
     opt_D = torch.optim.Adam(D.heads.parameters(), lr=dlr * ratio, betas=(0.0, 0.99 ** ratio), eps=1e-8)
@@ -463,13 +362,13 @@ def _per_call(D, chunks):
     start = [b.clone() for b in vectors] if len(chunks) > 1 else None
     for k, chunk in enumerate(chunks):
         if k > 0:
-            with torch.no_grad():
-                torch._foreach_copy_(vectors, start)
+            torch._foreach_copy_(vectors, start)     # buffers: no autograd involved
         yield chunk
 
 
 def train_step(G, D, opt_G, opt_D, chunks, step, r1_gamma, loss_scale=1.0, r1_scale=None, reduce_grads=None):
-    """One iteration in the order of recipe B.5: G step, D step, R1 step (step > 0 and step % 16 == 0).
+    """One iteration in the official order (training/training_loop.py:263-271): G step, D step, R1 step
+    (step > 0 and step % 16 == 0).
     chunks: this rank's part of the global batch, a list of (x_real in [-1, 1], one-hot labels [b, label_dim],
         z for the G step, z for the D step); each chunk is one call of D per forward pass.
     loss_scale, r1_scale: factors on each chunk's summed losses and summed R1 penalties (loss_batch / B and
@@ -484,7 +383,14 @@ def train_step(G, D, opt_G, opt_D, chunks, step, r1_gamma, loss_scale=1.0, r1_sc
     add = lambda key, value: stats.__setitem__(key, stats.get(key, 0) + value.detach())
     mean_logit = lambda logits: torch.cat([l.flatten() for l in logits]).mean()
 
-    # G step: fakes with the real batch's labels (recipe A.3); gradients flow through D into the image only.
+    def finish(opt, params):    # sum the gradients over ranks, sanitise them, take the Adam step
+        if reduce_grads is not None:
+            reduce_grads(params)
+        sanitize_grads(params)
+        opt.step()
+
+    # G step: fakes with the real batch's labels (official training/loss.py); gradients flow through D into the
+    # image only (D's parameters are frozen for this step).
     opt_G.zero_grad(set_to_none=True)
     D.heads.requires_grad_(False)
     for x, c, z, _ in _per_call(D, chunks):
@@ -492,10 +398,7 @@ def train_step(G, D, opt_G, opt_D, chunks, step, r1_gamma, loss_scale=1.0, r1_sc
         (loss * loss_scale).backward()
         add('loss_G', loss / num_images)
     D.heads.requires_grad_(True)
-    if reduce_grads is not None:
-        reduce_grads(G_params)
-    sanitize_grads(G_params)
-    opt_G.step()
+    finish(opt_G, G_params)
 
     # D step: fresh z, fakes without gradient from the just-updated G; fakes and reals are separate D calls.
     opt_D.zero_grad(set_to_none=True)
@@ -509,10 +412,7 @@ def train_step(G, D, opt_G, opt_D, chunks, step, r1_gamma, loss_scale=1.0, r1_sc
         add('loss_D', loss / num_images)
         add('logits_fake', mean_logit(logits_fake) * x.shape[0] / num_images)
         add('logits_real', mean_logit(logits_real) * x.shape[0] / num_images)
-    if reduce_grads is not None:
-        reduce_grads(D_params)
-    sanitize_grads(D_params)
-    opt_D.step()
+    finish(opt_D, D_params)
 
     # R1 step, its own optimizer step on the same real batch (lazy: every 16th iteration, gain 16):
     # L_R1 = 16 * gamma/2 * mean_i ||grad_i||^2 (the mean taken as r1_scale * sum).
@@ -522,17 +422,14 @@ def train_step(G, D, opt_G, opt_D, chunks, step, r1_gamma, loss_scale=1.0, r1_sc
             penalty = r1_penalty(D, x, _labels(c))
             (R1_INTERVAL * r1_gamma / 2 * r1_scale * penalty.sum()).backward()
             add('r1', penalty.sum() / num_images)
-        if reduce_grads is not None:
-            reduce_grads(D_params)
-        sanitize_grads(D_params)
-        opt_D.step()
+        finish(opt_D, D_params)
     return stats
 
 #----------------------------------------------------------------------------
-# 5. EMA of the generator (recipe C.3): theta_ema <- beta theta_ema + (1 - beta) theta after every iteration,
-# parameters only, beta = 0.5^(B / h) with half-life h = max(min(H, 0.05 n), 1e-8) images, H = ema_mimg * 1e6
-# and n = images seen before this iteration. The 5% ramp always wins at the paper's durations, so the
-# preset's ema value never matters there (quirk I.7); we implement the formula and keep the value.
+# 5. EMA of the generator (official training/training_loop.py:296-306): theta_ema <- beta theta_ema + (1 - beta)
+# theta after every iteration, parameters only, beta = 0.5^(B / h) with half-life h = max(min(H, 0.05 n), 1e-8)
+# images, H = ema_mimg * 1e6 and n = images seen before this iteration. The 5% ramp always wins at the paper's
+# durations, so the preset's ema value never matters there (quirk 7); we implement the formula and keep the value.
 
 EMA_RAMPUP = 0.05
 

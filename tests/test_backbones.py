@@ -15,6 +15,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import backbones as B  # noqa: E402
+import safe_files  # noqa: E402
 
 FIX = Path(__file__).parent / 'fixtures' / 'backbones'
 INPUT_SHA256 = 'cee44964ae43266e33f6c1212b2adffc1b598399b06a23cfc172ffc77950e511'
@@ -192,7 +193,7 @@ def test_deit_post_layers_seeded_locally():
 
 def write_safetensors(path, tensors, header_patch=None):
     header, blobs, offset = {'__metadata__': {'format': 'pt'}}, [], 0
-    codes = {v: k for k, v in B.SAFETENSORS_DTYPES.items()}
+    codes = {v: k for k, v in safe_files.SAFETENSORS_DTYPES.items()}
     for k, t in tensors.items():
         raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b''
         header[k] = {'dtype': codes[t.dtype], 'shape': list(t.shape), 'data_offsets': [offset, offset + len(raw)]}
@@ -210,7 +211,7 @@ def test_safetensors_roundtrip(tmp_path):
                'c': torch.randn(2, 2, generator=g).bfloat16(), 'd': torch.arange(7), 'e': torch.zeros(0, 3),
                'f': torch.tensor(3.5, dtype=torch.float64)}
     write_safetensors(tmp_path / 'x.safetensors', tensors)
-    back = B.read_safetensors(tmp_path / 'x.safetensors')
+    back = safe_files.read_safetensors(tmp_path / 'x.safetensors')
     assert set(back) == set(tensors)
     for k, t in tensors.items():
         assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
@@ -225,7 +226,7 @@ def test_safetensors_roundtrip(tmp_path):
 def test_safetensors_refuses_bad_headers(tmp_path, patch):
     write_safetensors(tmp_path / 'x.safetensors', {'a': torch.ones(3, 4)}, patch)
     with pytest.raises(ValueError):
-        B.read_safetensors(tmp_path / 'x.safetensors')
+        safe_files.read_safetensors(tmp_path / 'x.safetensors')
 
 
 def test_safetensors_refuses_truncated_or_garbage(tmp_path):
@@ -233,7 +234,7 @@ def test_safetensors_refuses_truncated_or_garbage(tmp_path):
     (tmp_path / 'b.safetensors').write_bytes(struct.pack('<Q', 4) + b'{oops')
     for f in ('a', 'b'):
         with pytest.raises(ValueError):
-            B.read_safetensors(tmp_path / f'{f}.safetensors')
+            safe_files.read_safetensors(tmp_path / f'{f}.safetensors')
 
 
 @pytest.fixture(scope='module')
@@ -310,10 +311,10 @@ def test_load_never_runs_code(tmp_path, monkeypatch):
 def test_missing_weights_say_what_to_download(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match='vgg16_bn-6c64b313.pth'):
         B.build_backbone('vgg16_bn', weights=tmp_path / 'nope.pth')
-    # A failed download (no network here: edm_nets.open_url replaced by one that fails) -> one clear line.
+    # A failed download (no network here: safe_files.open_url replaced by one that fails) -> one clear line.
     def open_url(source, cache_dir=None):
         raise OSError('network unreachable\nmore detail')
-    monkeypatch.setattr(B.edm_nets, 'open_url', open_url)
+    monkeypatch.setattr(safe_files, "open_url", open_url)
     url = B.WEIGHT_URLS['deit_base_distilled_patch16_224']
     with pytest.raises(OSError) as e:
         B.build_backbone('deit_base_distilled_patch16_224', weights=url)

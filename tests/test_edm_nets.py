@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import edm_nets  # noqa: E402
 from edm_pickle import dump_edm_pickle  # noqa: E402
+import safe_files  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / 'fixtures' / 'edm'
 NET_FIXTURES = sorted(p.name for p in FIXTURES.glob('*.pt') if p.name.startswith(('tiny_', 'seeded_')))
@@ -59,7 +60,7 @@ def check_wrapper_attrs(net, attrs):
 
 def tiny_net(name, **overrides):
     d = load_fixture(name)
-    return edm_nets.build_network(d['precond'], {**d['kwargs'], **overrides}, d['state_dict']).eval(), d
+    return safe_files.build_network(d['precond'], {**d['kwargs'], **overrides}, d['state_dict']).eval(), d
 
 # ----------------------------------------------------------------------------------------------------------------
 # Numerical equivalence with EDM.
@@ -87,7 +88,7 @@ def test_network_matches_edm(name):
         assert all(torch.equal(recipe[k], sd[k]) for k in sd)
     else:
         sd = check_recipe(d, d['fixed_buffers'])
-    net = edm_nets.build_network(d['precond'], d['kwargs'], sd).eval()
+    net = safe_files.build_network(d['precond'], d['kwargs'], sd).eval()
     assert type(net.model).__name__ == d['inner_model_class']
     check_wrapper_attrs(net, d['wrapper_attrs'])
 
@@ -159,33 +160,33 @@ def test_edm_pickle_loads_into_our_classes(name, tmp_path):
     net, d = tiny_net(name)
     path = tmp_path / 'network-snapshot.pkl'
     path.write_bytes(edm_pickle_bytes(net))
-    loaded = edm_nets.load_network(path)
+    loaded = safe_files.load_network(path)
     assert type(loaded) is type(net) and not loaded.training
     assert 'torch_utils' not in sys.modules  # EDM's code was neither needed nor imported
     with torch.no_grad():
         assert torch.equal(loaded(d['x'], d['sigma'], d['class_labels']), net(d['x'], d['sigma'], d['class_labels']))
-    data = edm_nets.read_pickle(path)
+    data = safe_files.read_pickle(path)
     assert data['dataset_kwargs']['use_labels'] is True and data['loss_fn'] is None
-    assert list(edm_nets.persistent_state_dict(data['ema'])) == list(net.state_dict())
+    assert list(safe_files.persistent_state_dict(data['ema'])) == list(net.state_dict())
 
 
 def test_pickle_numpy_scalars_and_custom_class(tmp_path):
     net, d = tiny_net('tiny_songunet_ddpmpp_uncond.pt')
-    path = tmp_path / 'd2o.pkl'
-    path.write_bytes(edm_pickle_bytes(net, class_name='D2OPrecond', extra_init_kwargs={'eps': np.float64(0.002)}))
-    data = edm_nets.read_pickle(path)
-    assert data['ema'].class_name == 'D2OPrecond' and data['ema'].init_kwargs['eps'] == 0.002
+    path = tmp_path / 'custom.pkl'
+    path.write_bytes(edm_pickle_bytes(net, class_name='CustomPrecond', extra_init_kwargs={'eps': np.float64(0.002)}))
+    data = safe_files.read_pickle(path)
+    assert data['ema'].class_name == 'CustomPrecond' and data['ema'].init_kwargs['eps'] == 0.002
     assert type(data['ema'].init_kwargs['eps']) is float  # numpy scalars come back as plain floats
     block = data['ema'].state['_modules']['model'].state['_modules']['enc'].state['_modules']['16x16_block0']
     assert block.state['skip_scale'] == np.sqrt(0.5)
-    with pytest.raises(ValueError, match='unsupported network class .D2OPrecond.*EDMPrecond'):
-        edm_nets.load_network(path)
+    with pytest.raises(ValueError, match='unsupported network class .CustomPrecond.*EDMPrecond'):
+        safe_files.load_network(path)
 
-    class D2OPrecond(edm_nets.EDMPrecond):
+    class CustomPrecond(edm_nets.EDMPrecond):
         def __init__(self, eps, **kwargs):
             super().__init__(**kwargs)
 
-    loaded = edm_nets.load_network(path, classes={'D2OPrecond': D2OPrecond})
+    loaded = safe_files.load_network(path, classes={'CustomPrecond': CustomPrecond})
     with torch.no_grad():
         assert torch.equal(loaded(d['x'], d['sigma']), net(d['x'], d['sigma']))
 
@@ -214,8 +215,8 @@ def test_hostile_pickle_is_refused(attack, tmp_path):
         blob = pickle.dumps({'ema': payload})
     path = tmp_path / 'evil.pkl'
     path.write_bytes(blob)
-    with pytest.raises(edm_nets.UnsafePickleError, match='refusing to load global (posix.system|builtins.eval)'):
-        edm_nets.load_network(path)
+    with pytest.raises(safe_files.UnsafePickleError, match='refusing to load global (posix.system|builtins.eval)'):
+        safe_files.load_network(path)
     assert not marker.exists()
     if attack != 'nested':
         pickle.loads(blob)  # the payload is real: an ordinary unpickler runs it
@@ -228,7 +229,7 @@ def test_hostile_storage_blob_is_refused(tmp_path):
     path = tmp_path / 'evil.pkl'
     path.write_bytes(pickle.dumps(_Payload(torch.storage._load_from_bytes, evil_blob)))
     with pytest.raises((ValueError, pickle.UnpicklingError)):
-        edm_nets.read_pickle(path)
+        safe_files.read_pickle(path)
     assert not marker.exists()
 
 
@@ -239,30 +240,30 @@ def test_broken_files_give_clear_errors(tmp_path):
     (tmp_path / 'text.pkl').write_text('this is not a pickle\n')
     for name in ['truncated.pkl', 'text.pkl']:
         with pytest.raises(ValueError, match='not a readable EDM network pickle'):
-            edm_nets.load_network(tmp_path / name)
+            safe_files.load_network(tmp_path / name)
     with pytest.raises(FileNotFoundError, match='no such file'):
-        edm_nets.load_network(tmp_path / 'missing.pkl')
+        safe_files.load_network(tmp_path / 'missing.pkl')
     torch.save({'weights': torch.zeros(2)}, tmp_path / 'other.pt')
     with pytest.raises(ValueError, match='not a gdd-min checkpoint'):
-        edm_nets.load_network(tmp_path / 'other.pt')
+        safe_files.load_network(tmp_path / 'other.pt')
     (tmp_path / 'data.pkl').write_bytes(pickle.dumps({'ema': [1, 2]}))
     with pytest.raises(ValueError, match="no network under key 'ema'"):
-        edm_nets.load_network(tmp_path / 'data.pkl')
+        safe_files.load_network(tmp_path / 'data.pkl')
 
 
 def test_project_checkpoint_round_trip(tmp_path):
     net, d = tiny_net('tiny_iddpm_dhariwal_cond.pt')
     path = tmp_path / 'ckpt.pt'
-    edm_nets.atomic_save({'format': 'gdd-min', 'ema': edm_nets.net_to_dict(net), 'config': {'lr': 1e-4}}, path)
+    safe_files.save_torch({'format': 'gdd-min', 'ema': safe_files.net_to_dict(net), 'config': {'lr': 1e-4}}, path)
     assert [p.name for p in tmp_path.iterdir()] == ['ckpt.pt']
     ckpt = torch.load(path, weights_only=True)
     assert ckpt['ema']['class_name'] == 'iDDPMPrecond' and ckpt['config'] == {'lr': 1e-4}
-    loaded = edm_nets.load_network(path)
+    loaded = safe_files.load_network(path)
     assert type(loaded) is edm_nets.iDDPMPrecond and not loaded.training
     with torch.no_grad():
         assert torch.equal(loaded(d['x'], d['sigma'], d['class_labels']), net(d['x'], d['sigma'], d['class_labels']))
     with pytest.raises(ValueError, match="no 'net' entry"):
-        edm_nets.load_network(path, key='net')
+        safe_files.load_network(path, key='net')
 
 
 def test_load_network_from_url_is_cached(tmp_path, monkeypatch):
@@ -278,14 +279,14 @@ def test_load_network_from_url_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv('GDD_CACHE', str(tmp_path / 'cache'))
     url = f'http://127.0.0.1:{server.server_address[1]}/edm-tiny.pkl'
     try:
-        first = edm_nets.load_network(url)
+        first = safe_files.load_network(url)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
-    second = edm_nets.load_network(url)  # server is gone: must come from the cache
+    second = safe_files.load_network(url)  # server is gone: must come from the cache
     cached = list((tmp_path / 'cache').iterdir())
-    assert len(cached) == 1 and cached[0].name.endswith('edm-tiny.pkl') and edm_nets.open_url(url) == cached[0]
+    assert len(cached) == 1 and cached[0].name.endswith('edm-tiny.pkl') and safe_files.open_url(url) == cached[0]
     with torch.no_grad():
         want = net(d['x'], d['sigma'])
         assert torch.equal(first(d['x'], d['sigma']), want) and torch.equal(second(d['x'], d['sigma']), want)
@@ -322,9 +323,9 @@ def test_edm_sampler_matches_edm():
 def test_bf16_path(name, monkeypatch):
     d = load_fixture(name)
     sd = d.get('state_dict') or recipe_state_dict(d['weight_seed'], d['weight_spec'], d['fixed_buffers'])
-    net = edm_nets.build_network(d['precond'], {**d['kwargs'], 'use_fp16': True}, sd).eval()
+    net = safe_files.build_network(d['precond'], {**d['kwargs'], 'use_fp16': True}, sd).eval()
     x, sigma, labels = d['x'], d['sigma'], d['class_labels']
-    fp32_out = edm_nets.build_network(d['precond'], {**d['kwargs'], 'use_fp16': False}, sd).eval()(x, sigma, labels).detach()
+    fp32_out = safe_files.build_network(d['precond'], {**d['kwargs'], 'use_fp16': False}, sd).eval()(x, sigma, labels).detach()
     assert torch.equal(net(x, sigma, labels).detach(), fp32_out)  # on CPU use_fp16 changes nothing
 
     monkeypatch.setattr(edm_nets, '_REDUCED_PRECISION_DEVICES', {'cuda', 'cpu'})
@@ -355,8 +356,8 @@ def test_bf16_path(name, monkeypatch):
 
 def test_networks_built_from_one_state_dict_do_not_share_memory():
     d = load_fixture('tiny_dhariwal_cond.pt')
-    a = edm_nets.build_network(d['precond'], d['kwargs'], d['state_dict'])
-    b = edm_nets.build_network(d['precond'], d['kwargs'], d['state_dict'])
+    a = safe_files.build_network(d['precond'], d['kwargs'], d['state_dict'])
+    b = safe_files.build_network(d['precond'], d['kwargs'], d['state_dict'])
     with torch.no_grad():
         a.model.out_conv.weight.add_(1)
     assert torch.equal(b.model.out_conv.weight, d['state_dict']['model.out_conv.weight'])
@@ -368,7 +369,7 @@ def test_failed_download_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv('GDD_CACHE', str(tmp_path))
     url = 'http://127.0.0.1:1/edm-cifar10-32x32-uncond-ve.pkl'
     with pytest.raises(OSError) as e:
-        edm_nets.load_network(url)
+        safe_files.load_network(url)
     msg = str(e.value)
     assert '\n' not in msg and url in msg and 'local path' in msg
     assert not list(tmp_path.iterdir())           # no partial file left in the cache

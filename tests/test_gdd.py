@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import edm_nets
 import gdd
 from edm_pickle import dump_edm_pickle
+import safe_files
+import sample_min
 
 # EDM train.py kwargs of the official teachers (recipe A.1 table; edm fixtures' param_shapes.json).
 NCSNPP = dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
@@ -258,8 +260,8 @@ def test_load_generator_all_formats(tmp_path):
     z, c = torch.randn(2, 3, 16, 16), torch.eye(10)[[3, 8]]
     with torch.no_grad():
         expected = gdd.generate(G.eval(), z, c)
-    edm_nets.atomic_save({'format': 'gdd-min', 'ema': edm_nets.net_to_dict(G), 'config': {}}, tmp_path / 'snap.pt')
-    loaded = gdd.load_generator(str(tmp_path / 'snap.pt'))
+    safe_files.save_torch({'format': 'gdd-min', 'ema': safe_files.net_to_dict(G), 'config': {}}, tmp_path / 'snap.pt')
+    loaded = sample_min.load_generator(str(tmp_path / 'snap.pt'))
     assert isinstance(loaded, gdd.GDDPrecond) and not loaded.training
     with torch.no_grad():
         torch.testing.assert_close(gdd.generate(loaded, z, c), expected)
@@ -274,14 +276,14 @@ def test_load_generator_all_formats(tmp_path):
     release.model.init_kwargs = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, **model_kwargs)
     dump_edm_pickle({'ema': release, 'loss_fn': None, 'augment_pipe': None, 'dataset_kwargs': {}},
                     tmp_path / 'd2o.pkl', class_name='D2OPrecond')
-    loaded = gdd.load_generator(str(tmp_path / 'd2o.pkl'))
+    loaded = sample_min.load_generator(str(tmp_path / 'd2o.pkl'))
     assert isinstance(loaded, gdd.GDDPrecond) and loaded.eps == 0.002
     assert not loaded.use_fp16                                       # sampled in fp32 (recipe A.4 / F.2)
     with torch.no_grad():
         torch.testing.assert_close(gdd.generate(loaded, z, c), expected)
 
     dump_edm_pickle({'ema': teacher, 'loss_fn': None, 'augment_pipe': None, 'dataset_kwargs': {}}, tmp_path / 'edm.pkl')
-    loaded = gdd.load_generator(str(tmp_path / 'edm.pkl'))
+    loaded = sample_min.load_generator(str(tmp_path / 'edm.pkl'))
     assert type(loaded).__name__ == 'EDMPrecond' and not isinstance(loaded, gdd.GDDPrecond)
     with torch.no_grad():
         torch.testing.assert_close(loaded(80 * z, torch.full([2], 80.0), c), teacher(80 * z, torch.full([2], 80.0), c))

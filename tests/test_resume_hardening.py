@@ -23,6 +23,9 @@ import gdd  # noqa: E402
 import sample_min  # noqa: E402
 import train_min  # noqa: E402
 from test_scale import _compare, _load, _setup  # noqa: E402
+import cli  # noqa: E402
+import safe_files  # noqa: E402
+import training_state  # noqa: E402
 
 
 def one_line_error(call, *args):
@@ -45,7 +48,7 @@ def run(tmp_path_factory):
 
 def copy_run(run_dir, dest):
     shutil.copytree(run_dir, dest)
-    os.remove(dest / train_min.LOCK_NAME)
+    os.remove(dest / training_state.LOCK_NAME)
     return dest
 
 
@@ -62,30 +65,30 @@ def flip_byte_in_largest_tensor(path):
 
 def test_flipped_byte_is_detected_and_the_previous_state_used(run, tmp_path, capsys):
     tmp, args, run_a = run
-    assert [os.path.basename(p) for p in train_min.training_states(str(run_a))] == \
+    assert [os.path.basename(p) for p in training_state.training_states(str(run_a))] == \
         ['training-state-00000002.pt', 'training-state-00000001.pt']
-    for p in train_min.training_states(str(run_a)):
-        assert open(p + '.sha256').read() == f'{train_min.file_sha256(p)}  {os.path.basename(p)}\n'
+    for p in training_state.training_states(str(run_a)):
+        assert open(p + '.sha256').read() == f'{training_state.file_sha256(p)}  {os.path.basename(p)}\n'
     good = _load(run_a / 'training-state-00000002.pt')
     run_b = copy_run(run_a, tmp_path / 'b' / '00000-toy')
     newest = run_b / 'training-state-00000002.pt'
     flip_byte_in_largest_tensor(newest)
     torch.load(newest, map_location='cpu', weights_only=True)        # torch.load itself does not notice
-    path, _ = train_min.find_training_state(str(run_b), str(tmp_path), 'toy')
+    path, _ = training_state.find_training_state(str(run_b), str(tmp_path), 'toy')
     assert path == str(run_b / 'training-state-00000001.pt')
     assert 'note: skipping' in capsys.readouterr().out
-    assert 'SHA-256 differs' in one_line_error(train_min.find_training_state, str(newest), str(tmp_path), 'toy')
+    assert 'SHA-256 differs' in one_line_error(training_state.find_training_state, str(newest), str(tmp_path), 'toy')
     # Without its sidecar (an older version's state) the zip CRC-32 still catches it; an intact one is used.
     os.remove(str(newest) + '.sha256')
-    assert 'CRC-32 mismatch' in one_line_error(train_min.find_training_state, str(newest), str(tmp_path), 'toy')
+    assert 'CRC-32 mismatch' in one_line_error(training_state.find_training_state, str(newest), str(tmp_path), 'toy')
     os.remove(run_b / 'training-state-00000001.pt.sha256')
-    train_min.find_training_state(str(run_b / 'training-state-00000001.pt'), str(tmp_path), 'toy')
+    training_state.find_training_state(str(run_b / 'training-state-00000001.pt'), str(tmp_path), 'toy')
     assert 'its zip CRC-32s check out' in capsys.readouterr().out
     # --resume auto falls back to the intact state and recomputes the damaged one bit for bit.
     train_min.main([*args, '--outdir', str(tmp_path / 'b'), '--kimg', '0.008', '--resume', 'auto'])
     assert 'resuming from ' + str(run_b / 'training-state-00000001.pt') in (run_b / 'log.txt').read_text()
     _compare(good, _load(newest), exact=True)
-    assert train_min.file_sha256(str(newest)) == open(str(newest) + '.sha256').read().split()[0]
+    assert training_state.file_sha256(str(newest)) == open(str(newest) + '.sha256').read().split()[0]
 
 #----------------------------------------------------------------------------
 # Resume refuses every option that changes the trajectory, unless --resume-override names it.
@@ -126,7 +129,7 @@ def test_changed_trajectory_options_are_refused_unless_overridden(run, tmp_path)
 def test_second_process_in_a_run_folder_is_refused(run, tmp_path):
     tmp, args, run_a = run
     run_b = copy_run(run_a, tmp_path / 'b' / '00000-toy')
-    holder = subprocess.Popen([sys.executable, '-c', 'import sys, train_min; lock = train_min.RunLock(); '
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, training_state; lock = training_state.RunLock(); '
                                'lock.hold(sys.argv[1]); print("locked", flush=True); sys.stdin.read()', str(run_b)],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -137,7 +140,7 @@ def test_second_process_in_a_run_folder_is_refused(run, tmp_path):
     finally:
         holder.kill()                           # a killed holder's lock goes with it
         holder.wait()
-    lock = train_min.RunLock()
+    lock = training_state.RunLock()
     lock.hold(str(run_b))
     assert lock.folder == str(run_b)
     lock.release()
@@ -170,7 +173,7 @@ def test_malformed_states_are_one_line_errors(run, tmp_path):
     for i, (edit, text) in enumerate(cases):
         folder = tmp_path / f'r{i}' / '00000-toy'
         folder.mkdir(parents=True)
-        edm_nets.atomic_save(bad(edit), folder / 'training-state-00000002.pt')
+        safe_files.save_torch(bad(edit), folder / 'training-state-00000002.pt')
         msg = one_line_error(train_min.main, [*args, '--outdir', str(tmp_path / f'r{i}'), '--kimg', '0.012',
                                               '--resume', str(folder / 'training-state-00000002.pt')])
         assert text in msg and 'training-state-00000002.pt' in msg, (text, msg)
@@ -198,7 +201,7 @@ def test_nan_tick_stops_the_run_keeping_the_last_good_state(run, tmp_path, monke
     run_n = tmp_path / 'n' / '00000-toy'
     assert 'the losses were NaN/inf in every iteration of the tick' in msg and 'tick 2' in msg
     assert f'the last good training state is {run_n / "training-state-00000002.pt"}' in msg
-    assert [os.path.basename(p) for p in train_min.training_states(str(run_n))] == ['training-state-00000002.pt']
+    assert [os.path.basename(p) for p in training_state.training_states(str(run_n))] == ['training-state-00000002.pt']
     assert not list(run_n.glob('network-snapshot-*')) and not list(run_n.glob('samples-*'))
     log = (run_n / 'log.txt').read_text()
     assert 'warning: non-finite losses in 50% of the iterations of tick 1' in log and log.rstrip().endswith(msg)
@@ -209,7 +212,7 @@ def test_nan_tick_stops_the_run_keeping_the_last_good_state(run, tmp_path, monke
     msg = one_line_error(train_min.main, [*args, '--outdir', str(tmp_path / 'p'), '--kimg', '0.016', '--tick', '0.004'])
     run_p = tmp_path / 'p' / '00000-toy'
     assert 'parameters became NaN/inf' in msg and str(run_p / 'training-state-00000001.pt') in msg
-    assert [os.path.basename(p) for p in train_min.training_states(str(run_p))] == ['training-state-00000001.pt']
+    assert [os.path.basename(p) for p in training_state.training_states(str(run_p))] == ['training-state-00000001.pt']
 
 
 #----------------------------------------------------------------------------
@@ -221,16 +224,16 @@ def test_disk_full_during_state_write(run, tmp_path, monkeypatch):
     save = torch.save
 
     def full_disk_save(obj, f, *a, **k):
-        if isinstance(obj, dict) and obj.get('format') == train_min.STATE_FORMAT:
+        if isinstance(obj, dict) and obj.get('format') == training_state.STATE_FORMAT:
             f.write(b'PK\x03\x04' + b'\0' * 5000)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return save(obj, f, *a, **k)
     monkeypatch.setattr(torch, 'save', full_disk_save)
     msg = one_line_error(train_min.main, [*args, '--outdir', str(tmp_path / 'b'), '--kimg', '0.012', '--resume', 'auto'])
     assert f'cannot write training state {run_b / "training-state-00000003.pt"}: No space left on device' in msg
-    assert not [n for n in os.listdir(run_b) if train_min.TEMP_RE.search(n)]
-    assert [os.path.basename(p) for p in train_min.training_states(str(run_b))][0] == 'training-state-00000002.pt'
-    train_min.read_training_state(str(run_b / 'training-state-00000002.pt'))     # checksum still verifies
+    assert not [n for n in os.listdir(run_b) if training_state.TEMP_RE.search(n)]
+    assert [os.path.basename(p) for p in training_state.training_states(str(run_b))][0] == 'training-state-00000002.pt'
+    training_state.read_training_state(str(run_b / 'training-state-00000002.pt'))     # checksum still verifies
 
 #----------------------------------------------------------------------------
 # Bad command lines fail before any work, in one line.
@@ -287,7 +290,7 @@ def test_cli_errors_one_line_for_expected_errors_traceback_for_bugs(tmp_path):
         def __getitem__(self, i):
             raise ValueError('cannot read image 00000/img00000000.png: broken PNG')
     with pytest.raises(SystemExit, match=r'^error: cannot read image 00000/img00000000.png: broken PNG$'):
-        with sample_min.cli_errors():
+        with cli.cli_errors():
             next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1)))   # wrapped in the worker's traceback
     (tmp_path / 'hostile.pt').write_bytes(_hostile_torch_file())
     msg = one_line_error(_load_in_cli, tmp_path / 'hostile.pt')
@@ -312,12 +315,12 @@ def _hostile_torch_file():
 
 
 def _load_in_cli(path):
-    with sample_min.cli_errors():
+    with cli.cli_errors():
         torch.load(path, weights_only=True)
 
 
 def _raise_in_cli(error):
-    with sample_min.cli_errors():
+    with cli.cli_errors():
         raise error
 
 

@@ -16,6 +16,8 @@ import sample_min  # noqa: E402
 from edm_pickle import dump_edm_pickle  # noqa: E402
 from test_fid import StandInDetector  # noqa: E402
 from dataset_min import save_dataset  # noqa: E402
+import cli  # noqa: E402
+import safe_files  # noqa: E402
 
 TINY = dict(img_resolution=8, img_channels=3, label_dim=4, model_type='SongUNet', model_channels=16, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[4], dropout=0, embedding_type='fourier', channel_mult_noise=2,
@@ -34,8 +36,8 @@ def nets(tmp_path_factory):
         for net in (teacher, G):
             for p in net.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-    edm_nets.atomic_save({'format': 'gdd-min', 'ema': edm_nets.net_to_dict(G)}, d / 'G.pt')
-    edm_nets.atomic_save({'format': 'gdd-min', 'ema': edm_nets.net_to_dict(teacher)}, d / 'teacher.pt')
+    safe_files.save_torch({'format': 'gdd-min', 'ema': safe_files.net_to_dict(G)}, d / 'G.pt')
+    safe_files.save_torch({'format': 'gdd-min', 'ema': safe_files.net_to_dict(teacher)}, d / 'teacher.pt')
     # In EDM's files every persistent module records its own constructor kwargs, the U-Net's included.
     official = copy.deepcopy(G)
     unet_kwargs = {k: v for k, v in G.init_kwargs.items() if k not in ('img_channels', 'use_fp16', 'sigma_data', 'eps', 'model_type')}
@@ -149,11 +151,11 @@ def test_no_arguments_samples_the_shipped_toy_generator(tmp_path, monkeypatch, c
 
 def test_seed_lists_are_bounded():
     import argparse
-    assert sample_min.parse_seeds('0-2,7') == [0, 1, 2, 7]
+    assert cli.parse_seeds('0-2,7') == [0, 1, 2, 7]
     with pytest.raises(argparse.ArgumentTypeError, match='more than 10,000,000 seeds'):
-        sample_min.parse_seeds('0-999999999999')        # would otherwise build a list of 10^12 ints
+        cli.parse_seeds('0-999999999999')        # would otherwise build a list of 10^12 ints
     with pytest.raises(argparse.ArgumentTypeError, match='bad seed list'):
-        sample_min.parse_seeds('5-1')
+        cli.parse_seeds('5-1')
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
@@ -165,7 +167,7 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
         f.write(b'half')
         raise OSError('disk full')
     with pytest.raises(OSError, match='disk full'):
-        sample_min.atomic_write(str(path), fail)
+        cli.atomic_write(str(path), fail)
     assert path.read_bytes() == b'old' and sorted(p.name for p in tmp_path.iterdir()) == ['out.png']
-    sample_min.atomic_write(str(path), lambda f: f.write(b'new'))
+    cli.atomic_write(str(path), lambda f: f.write(b'new'))
     assert path.read_bytes() == b'new' and sorted(p.name for p in tmp_path.iterdir()) == ['out.png']

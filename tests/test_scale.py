@@ -19,6 +19,10 @@ import edm_nets
 import gdd
 import train_min
 from test_gdd import tiny_teacher
+import dataset_min
+import safe_files
+import toy
+import training_state
 
 #----------------------------------------------------------------------------
 # The reduction: splitting a batch into chunks changes nothing when D's logits are per-image functions.
@@ -64,12 +68,12 @@ def test_accumulation_equals_one_call():
 # Training runs: a tiny 16x16 toy setup (toy architecture with two levels, teacher features).
 
 def _setup(tmp_path):
-    images, labels = train_min.draw_toy_images(24, seed=0, resolution=16)
-    train_min.save_dataset(str(tmp_path / 'data.zip'), images, labels)
+    images, labels = toy.draw_toy_images(24, seed=0, resolution=16)
+    dataset_min.save_dataset(str(tmp_path / 'data.zip'), images, labels)
     torch.manual_seed(0)
     cfg = train_min.parse_args(['toy', '--cres', '1,2'])
     net = edm_nets.EDMPrecond(img_resolution=16, img_channels=3, label_dim=10, **train_min.arch_kwargs(cfg))
-    edm_nets.atomic_save({'format': 'gdd-min', 'ema': edm_nets.net_to_dict(net)}, tmp_path / 'teacher.pt')
+    safe_files.save_torch({'format': 'gdd-min', 'ema': safe_files.net_to_dict(net)}, tmp_path / 'teacher.pt')
     return ['toy', '--cres', '1,2', '--data', str(tmp_path / 'data.zip'), '--teacher', str(tmp_path / 'teacher.pt'),
             '--fd-images', '0', '--workers', '0', '--batch', '4', '--state', '1']
 
@@ -101,7 +105,7 @@ def test_resume_continues_bit_for_bit(tmp_path):
     # 18 iterations (R1 at index 16) with a training state every 9: the uninterrupted run.
     train_min.main([*args, '--outdir', str(tmp_path / 'a'), '--kimg', '0.072', '--tick', '0.036'])
     run_a = tmp_path / 'a' / '00000-toy'
-    assert [os.path.basename(p) for p in train_min.training_states(str(run_a))] == \
+    assert [os.path.basename(p) for p in training_state.training_states(str(run_a))] == \
         ['training-state-00000018.pt', 'training-state-00000009.pt']
     # The interrupted run: only its state after 9 iterations survives; --resume RUN_DIR continues it.
     run_b = tmp_path / 'b' / '00000-toy'
@@ -124,20 +128,20 @@ def test_resume_continues_bit_for_bit(tmp_path):
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not train_min.training_states(str(tmp_path / 'c' / '00000-toy')) and time.time() < deadline:
+        while not training_state.training_states(str(tmp_path / 'c' / '00000-toy')) and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    steps = [int(p[-11:-3]) for p in train_min.training_states(str(tmp_path / 'c' / '00000-toy'))]
+    steps = [int(p[-11:-3]) for p in training_state.training_states(str(tmp_path / 'c' / '00000-toy'))]
     assert steps and max(steps) < 18
     train_min.main([*args, '--outdir', str(tmp_path / 'c'), '--kimg', '0.072', '--tick', '0.004', '--resume', 'auto'])
     _compare(a, _load(tmp_path / 'c' / '00000-toy' / 'training-state-00000018.pt'), exact=True)
     # 'auto' finds the newest state of the preset in --outdir; a finished run then has nothing left to do.
-    path, state = train_min.find_training_state('auto', str(tmp_path / 'b'), 'toy')
+    path, state = training_state.find_training_state('auto', str(tmp_path / 'b'), 'toy')
     assert path.endswith('training-state-00000018.pt') and state['step'] == 18
-    assert train_min.find_training_state('auto', str(tmp_path / 'empty'), 'toy') == (None, None)
+    assert training_state.find_training_state('auto', str(tmp_path / 'empty'), 'toy') == (None, None)
     with pytest.raises(SystemExit, match=r'batch=4 \(now 8\)'):
         train_min.main([*args, '--outdir', str(tmp_path / 'b'), '--resume', 'auto', '--batch', '8'])
 
@@ -146,13 +150,13 @@ def test_state_with_old_spectral_norm_layout_is_refused(tmp_path):
     # States written when the heads used torch.nn.utils.parametrizations.spectral_norm (before gdd.SNConv2d).
     args = _setup(tmp_path)
     train_min.main([*args, '--outdir', str(tmp_path / 'a'), '--kimg', '0.004', '--tick', '0.004'])
-    path = train_min.training_states(str(tmp_path / 'a' / '00000-toy'))[0]
+    path = training_state.training_states(str(tmp_path / 'a' / '00000-toy'))[0]
     state = _load(path)
     rename = {'weight_orig': 'parametrizations.weight.original', 'weight_u': 'parametrizations.weight.0._u',
               'weight_v': 'parametrizations.weight.0._v'}
     state['D'] = {(k.rsplit('.', 1)[0] + '.' + rename[k.rsplit('.', 1)[1]] if k.rsplit('.', 1)[1] in rename else k): v
                   for k, v in state['D'].items()}
-    edm_nets.atomic_save(state, path)
+    safe_files.save_torch(state, path)
     os.remove(path + '.sha256')         # older versions wrote no checksum (this one would say the file changed)
     with pytest.raises(SystemExit, match='older gdd-min .*parametrizations.spectral_norm'):
         train_min.main([*args, '--outdir', str(tmp_path / 'a'), '--kimg', '0.008', '--tick', '0.004', '--resume', path])
@@ -161,23 +165,23 @@ def test_state_with_old_spectral_norm_layout_is_refused(tmp_path):
 def test_cut_off_training_state_is_never_picked(tmp_path, capsys):
     run = tmp_path / 'run'
     run.mkdir()
-    good = {'format': train_min.STATE_FORMAT, 'step': 3, 'x': torch.arange(1000)}
-    edm_nets.atomic_save(good, run / 'training-state-00000003.pt')
+    good = {'format': training_state.STATE_FORMAT, 'step': 3, 'x': torch.arange(1000)}
+    safe_files.save_torch(good, run / 'training-state-00000003.pt')
     data = (run / 'training-state-00000003.pt').read_bytes()
     (run / 'training-state-00000007.pt').write_bytes(data[:len(data) // 2])     # killed mid-write (no atomic rename)
     (run / '.training-state-00000009.pt.tmp123').write_bytes(data[:100])        # atomic_save's temporary file
     (run / 'training-state-00000008.pt').write_bytes(b'')                       # empty
-    path, state = train_min.find_training_state(str(run), str(tmp_path), 'toy')
+    path, state = training_state.find_training_state(str(run), str(tmp_path), 'toy')
     assert path == str(run / 'training-state-00000003.pt') and torch.equal(state['x'], good['x'])
     assert capsys.readouterr().out.count('note: skipping') == 2
     # Keep only the last 3 states.
     for step in (11, 12, 13):
-        edm_nets.atomic_save(good, run / f'training-state-{step:08d}.pt')
-    assert len(train_min.training_states(str(run))) == 6
+        safe_files.save_torch(good, run / f'training-state-{step:08d}.pt')
+    assert len(training_state.training_states(str(run))) == 6
     with pytest.raises(SystemExit, match='no complete training state'):
-        train_min.find_training_state(str(run / 'training-state-00000007.pt'), str(tmp_path), 'toy')
+        training_state.find_training_state(str(run / 'training-state-00000007.pt'), str(tmp_path), 'toy')
     with pytest.raises(SystemExit, match='no such file or folder'):
-        train_min.find_training_state(str(run / 'missing'), str(tmp_path), 'toy')
+        training_state.find_training_state(str(run / 'missing'), str(tmp_path), 'toy')
 
 
 def test_two_processes_equal_one_process_with_accumulation(tmp_path):

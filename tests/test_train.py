@@ -17,6 +17,10 @@ import train_min
 import torch  # noqa: E402
 import edm_nets  # noqa: E402
 import gdd  # noqa: E402
+import dataset_min  # noqa: E402
+import safe_files  # noqa: E402
+import sample_min  # noqa: E402
+import toy  # noqa: E402
 
 
 def test_presets_and_overrides(capsys):
@@ -35,9 +39,9 @@ def test_presets_and_overrides(capsys):
 
 
 def test_toy_images_are_deterministic():
-    a, la = train_min.draw_toy_images(12, seed=5)
-    b, lb = train_min.draw_toy_images(12, seed=5)
-    c, _ = train_min.draw_toy_images(12, seed=6)
+    a, la = toy.draw_toy_images(12, seed=5)
+    b, lb = toy.draw_toy_images(12, seed=5)
+    c, _ = toy.draw_toy_images(12, seed=6)
     assert a.shape == (12, 3, 32, 32) and a.dtype == np.uint8 and np.array_equal(a, b) and np.array_equal(la, lb)
     assert not np.array_equal(a, c) and set(la) <= set(range(10))
 
@@ -46,17 +50,19 @@ def _toy_teacher(path):
     torch.manual_seed(0)
     cfg = train_min.parse_args(['toy'])
     net = edm_nets.EDMPrecond(img_resolution=32, img_channels=3, label_dim=10, **train_min.arch_kwargs(cfg))
-    edm_nets.atomic_save({'format': 'gdd-min', 'ema': edm_nets.net_to_dict(net)}, path)
+    safe_files.save_torch({'format': 'gdd-min', 'ema': safe_files.net_to_dict(net)}, path)
 
 
 def test_toy_end_to_end(tmp_path, capsys):
-    images, labels = train_min.draw_toy_images(40, seed=0)
-    train_min.save_dataset(str(tmp_path / 'data.zip'), images, labels)
+    images, labels = toy.draw_toy_images(40, seed=0)
+    dataset_min.save_dataset(str(tmp_path / 'data.zip'), images, labels)
     _toy_teacher(tmp_path / 'teacher.pt')
     common = ['--outdir', str(tmp_path / 'runs'), '--data', str(tmp_path / 'data.zip')]
     # The toy teacher recipe runs (EDM loss) and writes a loadable checkpoint.
-    train_min.main(['toy-teacher', *common, '--kimg', '0.016', '--batch', '8', '--tick', '0.008', '--export', str(tmp_path / 't.pt')])
-    assert type(edm_nets.load_network(str(tmp_path / 't.pt'))).__name__ == 'EDMPrecond'
+    toy.main(['teacher', *common, '--kimg', '0.016', '--batch', '8', '--tick', '0.008', '--export', str(tmp_path / 't.pt')])
+    with pytest.raises(SystemExit, match=r'^error: `train_min.py toy-teacher` moved; run: python toy.py teacher --kimg 1$'):
+        train_min.main(['toy-teacher', '--kimg', '1'])      # the old spelling names the new one
+    assert type(safe_files.load_network(str(tmp_path / 't.pt'))).__name__ == 'EDMPrecond'
     # GDD-I on the toy preset: 17 iterations, so one R1 step (index 16), then the small evaluation.
     train_min.main(['toy', *common, '--teacher', str(tmp_path / 'teacher.pt'), '--kimg', '0.068', '--batch', '4',
                     '--tick', '0.032', '--fd-images', '30', '--export', str(tmp_path / 'g.pt')])
@@ -74,14 +80,14 @@ def test_toy_end_to_end(tmp_path, capsys):
     # Four columns (3 samplers + data) of 5 x 32 pixels at 2x with 8-pixel gaps.
     assert PIL.Image.open(run / 'compare.png').size[0] == 4 * 5 * 32 * 2 + 3 * 8
     assert (run / 'samples-000000.png').exists() and (run / 'log.txt').read_text().count('kimg') >= 3
-    G = gdd.load_generator(str(tmp_path / 'g.pt'))
+    G = sample_min.load_generator(str(tmp_path / 'g.pt'))
     assert isinstance(G, gdd.GDDPrecond) and G.label_dim == 10
 
 
 def test_training_refuses_mismatched_data_and_teacher(tmp_path):
     _toy_teacher(tmp_path / 'teacher.pt')
     images16 = np.random.RandomState(0).randint(0, 256, size=[4, 3, 16, 16], dtype=np.uint8)
-    train_min.save_dataset(str(tmp_path / 'd16'), images16, [0, 1, 2, 3])
+    dataset_min.save_dataset(str(tmp_path / 'd16'), images16, [0, 1, 2, 3])
     with pytest.raises(SystemExit, match=r'needs \(32, 3, 10\)'):
         train_min.main(['toy', '--outdir', str(tmp_path / 'runs'), '--teacher', str(tmp_path / 'teacher.pt'), '--data', str(tmp_path / 'd16')])
     with pytest.raises(SystemExit, match='not an EDMPrecond ncsnpp network'):
@@ -91,9 +97,9 @@ def test_training_refuses_mismatched_data_and_teacher(tmp_path):
 
 
 def test_diverged_toy_teacher_stops_with_one_line(tmp_path):
-    images, labels = train_min.draw_toy_images(40, seed=0)
-    train_min.save_dataset(str(tmp_path / 'data.zip'), images, labels)
+    images, labels = toy.draw_toy_images(40, seed=0)
+    dataset_min.save_dataset(str(tmp_path / 'data.zip'), images, labels)
     with pytest.raises(SystemExit, match=r'^error: training stopped at kimg .*NaN/inf \(lower --lr\?\)$'):
-        train_min.main(['toy-teacher', '--outdir', str(tmp_path / 'runs'), '--data', str(tmp_path / 'data.zip'),
+        toy.main(['teacher', '--outdir', str(tmp_path / 'runs'), '--data', str(tmp_path / 'data.zip'),
                         '--kimg', '0.04', '--batch', '8', '--tick', '0.008', '--lr', '1e36', '--export', str(tmp_path / 't.pt')])
     assert not (tmp_path / 't.pt').exists()

@@ -1,8 +1,9 @@
 """Command-line plumbing shared by the scripts: seed lists, torchrun start-up, one-line errors, output checks and
-the one atomic writer (a file is complete or absent, never half-written). Nothing here is part of the method;
-a reader of the paper may skip this file.
+the one atomic writer (a file is complete or absent, never half-written), the clean stop on Ctrl-C, SIGTERM, a
+lost torchrun launcher or a failed peer process, and the run folder's log. Nothing here is part of the method; a
+reader of the paper may skip this file.
 
-torch is imported inside the three torchrun helpers only, so that dataset_min (numpy and pillow) can use the rest.
+torch is imported inside the torchrun helpers only, so that dataset_min (numpy and pillow) can use the rest.
 """
 
 import argparse
@@ -11,6 +12,12 @@ import math
 import os
 import pickle
 import re
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
 import zipfile
 
 import numpy as np
@@ -53,8 +60,27 @@ def init_distributed(device='auto'):
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if 'TORCHELASTIC_RUN_ID' in os.environ:     # started by torchrun
+        watch_launcher()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     return rank, world, device
+
+
+def watch_launcher(interval=1.0):
+    """A rank must not go on training unsupervised when its torchrun launcher is killed (kill -9 of the launcher's
+    process group: torchrun starts each rank in a session of its own, so the ranks survive it and are re-parented).
+    A daemon thread checks the parent once per `interval` seconds and, when it is gone, sends this process SIGTERM:
+    the clean stop of clean_stop, or the default end where none is installed."""
+    if _stop['watched']:
+        return
+    parent = _stop['watched'] = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        _stop['launcher_gone'] = True
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name='watch-launcher', daemon=True).start()
 
 
 def broadcast(obj, rank):
@@ -101,12 +127,111 @@ def error_line(e):
 
 
 @contextlib.contextmanager
-def cli_errors():
-    """with cli_errors(): ...  turns the expected errors into SystemExit('error: <one line>')."""
+def cli_errors(note=None):
+    """with cli_errors(): ...  turns the expected errors into SystemExit('error: <one line>'), and ends cleanly
+    on Ctrl-C, SIGTERM, a lost torchrun launcher or a failed peer process (clean_stop(note))."""
+    with clean_stop(note):
+        try:
+            yield
+        except EXPECTED_ERRORS as e:
+            raise SystemExit(f'error: {error_line(e)}') from None
+
+#----------------------------------------------------------------------------
+# Stopping cleanly. Ctrl-C (SIGINT) and SIGTERM (a cluster's preemption; also what torchrun sends the other
+# processes when one failed) end a command with one line and exit status 128 + the signal's number: 130 and 143,
+# the shell's convention. Outputs are complete or absent (atomic_write removes its temporary file); a torch.save
+# in progress is finished first (deferred_signals: torch's writer would turn the interrupt into a RuntimeError,
+# which reads like a failed disk). Under torchrun (RANK set) only rank 0 reports a stop, and a rank whose
+# collective breaks because another process ended says only that: the process that failed prints the cause.
+
+STOP_SIGNALS = {signal.SIGINT: 'SIGINT (Ctrl-C)', signal.SIGTERM: 'SIGTERM'}
+_stop = dict(depth=0, pending=None, stopping=False, watched=None, launcher_gone=False)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM within clean_stop. A KeyboardInterrupt, so that DataLoader workers, which inherit the
+    handler, end quietly as they do on Ctrl-C."""
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    if _stop['stopping']:           # a second Ctrl-C while the first one unwinds: it is stopping already
+        return
+    if _stop['depth']:
+        _stop['pending'] = _stop['pending'] or signum
+        return
+    _stop['stopping'] = True
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """A section that a stop does not cut (a file being written): the signal takes effect when it ends."""
+    _stop['depth'] += 1
     try:
         yield
-    except EXPECTED_ERRORS as e:
-        raise SystemExit(f'error: {error_line(e)}') from None
+    finally:
+        _stop['depth'] -= 1
+    if _stop['depth'] == 0 and _stop['pending'] and not _stop['stopping']:
+        signum, _stop['pending'], _stop['stopping'] = _stop['pending'], None, True
+        raise Stopped(signum)
+
+
+def peer_failed(e):
+    """Whether `e` is what a collective raises in a multi-process run when another process has ended (gloo:
+    'Connection closed by peer'; NCCL: a remote error), not a fault of this process."""
+    if int(os.environ.get('WORLD_SIZE', '1')) < 2 or not isinstance(e, RuntimeError) or e.__traceback__ is None:
+        return False
+    dist = getattr(sys.modules.get('torch'), 'distributed', None)
+    if isinstance(e, getattr(dist, 'DistNetworkError', ())):
+        return True
+    where = traceback.extract_tb(e.__traceback__)[-1].filename.replace('\\', '/')
+    return '/torch/distributed/' in where and re.search(r'peer|remote|broken pipe|connection|timed out|timeout', str(e), re.I) is not None
+
+
+def _say_stopped(text, note):
+    if int(os.environ.get('RANK', '0')) > 0:
+        return                      # rank 0 reports for the run
+    extra = note() if note is not None else None
+    line = text + (f'; {extra}' if extra else '')
+    print(line, file=sys.stderr, flush=True)
+    if isinstance(sys.stdout, Logger):
+        sys.stdout.file.write(line + '\n')
+
+
+@contextlib.contextmanager
+def clean_stop(note=None):
+    """Within (a with block or, as @clean_stop(), a function): SIGINT and SIGTERM raise Stopped in the main
+    thread (or when the current deferred_signals section ends). A stop ends with one line on stderr, `stopped by
+    SIGINT (Ctrl-C)` or `stopped: the torchrun launcher is gone` plus `; note()` (what the user needs to know,
+    e.g. where the last good training state is), and exit status 128 + the signal's number; a failed peer
+    process with `stopped: another process of this run failed (...)` and exit status 1."""
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS} if main else {}
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signum = getattr(e, 'signum', signal.SIGINT)
+        _stop['stopping'] = True
+        _say_stopped('stopped: the torchrun launcher is gone' if _stop['launcher_gone'] else f'stopped by {STOP_SIGNALS[signum]}', note)
+        raise SystemExit(128 + signum) from None
+    except RuntimeError as e:
+        if not peer_failed(e):
+            raise
+        _stop['stopping'] = True
+        _say_stopped('stopped: another process of this run failed (its error is above)', note)
+        raise SystemExit(1) from None
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if old:
+            _stop.update(pending=None, stopping=False)
+
+def cpu_count():
+    """CPU cores this process may use (what a DataLoader compares its number of workers with)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 #----------------------------------------------------------------------------
 # Outputs.
@@ -136,6 +261,32 @@ class Logger:
 
     def flush(self):
         self.stdout.flush()
+
+
+class RunLog:
+    """A run folder's log.txt for the length of a `with` block, from start(run_dir, made): print() goes to the
+    console and the log, and the line that ends a failed run goes into the log too. After a failure, a folder
+    this start made (made=True) that holds nothing but its log and hidden files (lock, temporaries) is removed:
+    a failed start leaves no empty run behind."""
+    def __init__(self):
+        self.dir, self.made, self.stdout = None, False, None
+
+    def start(self, run_dir, made):
+        self.dir, self.made, self.stdout = run_dir, made, sys.stdout
+        sys.stdout = Logger(os.path.join(run_dir, 'log.txt'), self.stdout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if self.stdout is not None:
+            if isinstance(e, SystemExit) and isinstance(e.code, str):
+                sys.stdout.file.write(e.code + '\n')
+            sys.stdout.file.close()
+            sys.stdout, self.stdout = self.stdout, None
+        failed = kind is not None and not (isinstance(e, SystemExit) and e.code in (0, None))
+        if failed and self.made and all(n == 'log.txt' or n.startswith('.') for n in os.listdir(self.dir)):
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def check_output(path, flag, folder=False):

@@ -132,6 +132,9 @@ class ImageDataset:
         pairs = self._read_labels() if use_labels else None
         if pairs is not None:
             table = {name.replace('\\', '/'): value for name, value in pairs}
+            missing = sorted(set(table) - set(names))
+            if missing:     # an incomplete copy: training would silently use only the images that are there
+                raise ValueError(f'dataset.json lists {len(missing)} file(s) that {self.path} does not hold, e.g. {missing[0]}')
             try:
                 values = [table[n] for n in self._names]
             except KeyError as e:
@@ -492,6 +495,8 @@ CONVERTIBLE_MODES = ('1', 'P', 'PA', 'LA', 'RGBA', 'RGBX', 'CMYK', 'YCbCr')
 def convert(source, dest, resolution=None, transform=None, max_images=None, progress=True):
     """Write EDM's dataset zip `dest` from a folder of images or a CIFAR-10 tarball; returns the number of
     images written. resolution: (width, height) or None; transform: None, 'center-crop', 'center-crop-wide'."""
+    if not str(dest).endswith('.zip'):
+        raise ValueError(f'--dest must end in .zip: {dest}')
     width, height = resolution or (None, None)
     fn = make_transform(transform, width, height)
     if os.path.isdir(source):
@@ -516,8 +521,6 @@ def convert(source, dest, resolution=None, transform=None, max_images=None, prog
     else:
         raise FileNotFoundError(f'{source}: no such file or folder')
     count = min(count, max_images) if max_images is not None else count
-    if not str(dest).endswith('.zip'):
-        raise ValueError(f'--dest must end in .zip: {dest}')
 
     written, out_labels, first, t0, shown = 0, [], None, time.time(), 0.0
 

@@ -224,6 +224,7 @@ def load_toy_classifier(path, device='cpu'):
     return net.eval().requires_grad_(False).to(device)
 
 
+@cli.clean_stop()      # Ctrl-C / SIGTERM: one line, exit status 130 / 143; quiet when another rank failed
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)

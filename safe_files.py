@@ -1127,8 +1127,10 @@ def net_to_dict(net):
 
 
 def save_torch(obj, path):
-    """torch.save through the one atomic writer (cli.atomic_write): never a half-written file."""
-    cli.atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save through the one atomic writer (cli.atomic_write): never a half-written file. A Ctrl-C or SIGTERM
+    waits until the file is written (torch's writer would turn it into a RuntimeError)."""
+    with cli.deferred_signals():
+        cli.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _checkpoint_entry(ckpt, key):

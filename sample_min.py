@@ -60,8 +60,9 @@ class NFECounter:
         self.calls += 1
 
 
-def generate_images(net, seeds, batch=64, class_idx=None, steps=18, device='cpu'):
-    """Yield (seeds, uint8 images [B, C, H, W] on `device`) for `seeds` in order, `batch` at a time.
+def generate_images(net, seeds, batch=64, class_idx=None, steps=18, device='cpu', with_classes=False):
+    """Yield (seeds, uint8 images [B, C, H, W] on `device`) for `seeds` in order, `batch` at a time; with_classes:
+    (seeds, images, class index [B] of each image, None for an unconditional network).
     A GDD generator (gdd.GDDPrecond) is run once, x = G(80 z; 80, c); any other network is a teacher sampled
     with EDM's Heun sampler in `steps` steps (2 steps - 1 evaluations, EDM Algorithm 1)."""
     one_step = isinstance(net, gdd.GDDPrecond)
@@ -82,7 +83,10 @@ def generate_images(net, seeds, batch=64, class_idx=None, steps=18, device='cpu'
                 images = gdd.generate(net, latents, class_labels)
             else:
                 images = edm_nets.edm_sampler(net, latents, class_labels, num_steps=steps, randn_like=rnd.randn_like)
-        yield batch_seeds, cli.quantize(images)
+        if with_classes:
+            yield batch_seeds, cli.quantize(images), None if class_labels is None else class_labels.argmax(1)
+        else:
+            yield batch_seeds, cli.quantize(images)
 
 #----------------------------------------------------------------------------
 # Command line.
@@ -125,7 +129,8 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=18, help=f'EDM sampler steps for a teacher, 2..{MAX_STEPS} (NFE = 2 steps - 1; default: %(default)s)')
     p.add_argument('--outdir', help='write {seed:06d}.png per image in folders of 1000, as EDM')
     p.add_argument('--grid', help='write one PNG grid of all images (default when no output is given: runs/samples.png)')
-    p.add_argument('--npz', help='write a compressed npz: images uint8 [N, H, W, C], seeds [N]')
+    p.add_argument('--npz', help='write a compressed npz: images uint8 [N, H, W, C], seeds [N] and, for a conditional '
+                                 'network, labels [N] (class indices)')
     p.add_argument('--check', action='store_true', help='only load and validate --net, report what it holds; write nothing')
     args = p.parse_args(argv)
     with cli_errors():
@@ -161,37 +166,42 @@ def _sample(args, rank, world, device):
         kind = 'one-step generator' if one_step else f'EDM teacher, {args.steps}-step sampler'
         print(f'{args.net}: {kind}, {len(args.seeds)} images, {world} process(es) on {device}')
 
-    kept = []                                       # (seed, uint8 CHW) for the grid / npz
+    kept = []                                       # (seed, uint8 CHW, class or -1) for the grid / npz
     elapsed, done = 0.0, 0
     t0 = time.perf_counter()
-    for batch_seeds, images in generate_images(net, seeds, args.batch, args.class_idx, args.steps, device):
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        elapsed += time.perf_counter() - t0
-        images = images.cpu().numpy()
-        done += len(batch_seeds)
-        if args.outdir:
-            for seed, image in zip(batch_seeds, images):
-                path = os.path.join(args.outdir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png')
-                cli.save_png(image, path, fsync=False)   # many small files a rerun redoes
-        if args.grid or args.npz:
-            kept.extend(zip(batch_seeds, images))
-        if rank == 0:
-            print(f'\r{done}/{len(seeds)} images', end='', flush=True)
-        t0 = time.perf_counter()
-    if rank == 0:
-        print()
+    try:
+        for batch_seeds, images, classes in generate_images(net, seeds, args.batch, args.class_idx, args.steps, device, with_classes=True):
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            elapsed += time.perf_counter() - t0
+            images = images.cpu().numpy()
+            done += len(batch_seeds)
+            if args.outdir:
+                for seed, image in zip(batch_seeds, images):
+                    path = os.path.join(args.outdir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png')
+                    cli.save_png(image, path, fsync=False)   # many small files a rerun redoes
+            if args.grid or args.npz:
+                kept.extend(zip(batch_seeds, images, [-1] * len(images) if classes is None else classes.tolist()))
+            if rank == 0:
+                print(f'\r{done}/{len(seeds)} images' + (f' of rank 0 ({len(args.seeds)} on {world} processes)' if world > 1 else ''),
+                      end='', flush=True)
+            t0 = time.perf_counter()
+    finally:                    # end the progress line, also before the line of a Ctrl-C
+        if rank == 0 and done:
+            print()
 
     kept = cli.gather_to_rank0(kept)
     if rank == 0:
         kept.sort(key=lambda item: item[0])
         if args.grid:
-            cli.save_grid(np.stack([x for _, x in kept]), args.grid)
+            cli.save_grid(np.stack([x for _, x, _ in kept]), args.grid)
             print(f'grid of {len(kept)} images: {args.grid}')
         if args.npz:
-            images = np.stack([x.transpose(1, 2, 0) for _, x in kept])
-            cli.atomic_write(args.npz, lambda f: np.savez_compressed(f, images=images, seeds=np.array([s for s, _ in kept])))
-            print(f'{len(kept)} images: {args.npz}')
+            arrays = dict(images=np.stack([x.transpose(1, 2, 0) for _, x, _ in kept]), seeds=np.array([s for s, _, _ in kept]))
+            if net.label_dim:
+                arrays['labels'] = np.array([c for _, _, c in kept], dtype=np.int64)
+            cli.atomic_write(args.npz, lambda f: np.savez_compressed(f, **arrays))
+            print(f'{len(kept)} images{" and their classes" if net.label_dim else ""}: {args.npz}')
         if args.outdir:
             print(f'PNGs: {args.outdir}')
         # Throughput of this process (rank 0); with N processes the total is about N times this.

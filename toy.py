@@ -12,7 +12,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -352,21 +351,15 @@ def main(argv=None):
         ('seed', 0 <= cfg.seed < 2**32, 'in 0..2^32-1')) if not ok]
     if bad:
         raise SystemExit(f'error: {bad[0]}')
-    stdout = sys.stdout
-    try:
-        with cli.cli_errors():
-            cli.check_output(cfg.outdir, '--outdir', folder=True)
-            if cfg.export:
-                cli.check_output(cfg.export, '--export')
-            _, _, device = cli.init_distributed(cfg.device)
-            run_dir = cli.make_run_dir(cfg.outdir, f'toy-{cfg.cmd}')
-            sys.stdout = cli.Logger(os.path.join(run_dir, 'log.txt'), stdout)
-            print(f'toy.py {cfg.cmd}, run directory {run_dir}, device {device}\nOptions: {json.dumps(vars(cfg))}')
-            (train_teacher if cfg.cmd == 'teacher' else train_classifier)(cfg, run_dir, device)
-    finally:
-        if sys.stdout is not stdout:
-            sys.stdout.file.close()
-            sys.stdout = stdout
+    with cli.RunLog() as log, cli.cli_errors():     # Ctrl-C / SIGTERM: one line, exit status 130 / 143
+        cli.check_output(cfg.outdir, '--outdir', folder=True)
+        if cfg.export:
+            cli.check_output(cfg.export, '--export')
+        _, _, device = cli.init_distributed(cfg.device)
+        run_dir = cli.make_run_dir(cfg.outdir, f'toy-{cfg.cmd}')
+        log.start(run_dir, made=True)
+        print(f'toy.py {cfg.cmd}, run directory {run_dir}, device {device}\nOptions: {json.dumps(vars(cfg))}')
+        (train_teacher if cfg.cmd == 'teacher' else train_classifier)(cfg, run_dir, device)
 
 
 if __name__ == '__main__':

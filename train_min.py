@@ -28,6 +28,7 @@ import backbones
 import cli
 import dataset_min
 import edm_nets
+import fid_min
 import gdd
 import safe_files
 import toy
@@ -66,13 +67,14 @@ PRESETS = {name: dict(zip(COLUMNS, (EDM_URL + row[0],) + row[1:]), r1_gamma=1e-4
 PRESETS['toy'] = dict(teacher=os.path.join(toy.ASSETS, 'toy-teacher.pt'), arch='toy', cres='1,2,2', batch=32, lr=1e-3, dlr=1e-3,
                       ema=0.5, kimg=24, features='teacher', loss_batch=32, r1_gamma=1e-2, freeze=1, fp16=False, dwidth=0.25,
                       tick=4, snap=0, state=0, workers=0, fd_images=1000, classifier=os.path.join(toy.ASSETS, 'toy-classifier.pt'))
+TOY_ONLY = ('fd_images', 'classifier')     # the toy demo's small evaluation: no option of the paper presets
 MOVED = {'toy-teacher': 'python toy.py teacher', 'toy-classifier': 'python toy.py classifier'}
 
 # Every option, name -> (default, help); a preset's row replaces the defaults of its keys.
 OPTIONS = dict(
     teacher=('', 'EDM teacher: pickle or gdd-min checkpoint, path or URL'),
-    arch=('ncsnpp', f'teacher architecture (checked on load): {", ".join(ARCHS)}'),
-    cres=('2,2,2', 'channel multipliers per resolution'),
+    arch=('ncsnpp', f'the paper\'s architecture ({", ".join(ARCHS)}): --bench builds it; a teacher that differs is noted'),
+    cres=('2,2,2', 'channel multipliers per resolution of that architecture'),
     batch=(256, 'global batch size'),
     lr=(1e-4, 'generator learning rate (Adam)'),
     dlr=(1e-4, 'discriminator learning rate (x16/17)'),
@@ -83,7 +85,7 @@ OPTIONS = dict(
     features=(CIFAR_D, "D's feature networks: 'teacher' or ImageNet backbone names, comma separated"),
     loss_batch=(64, 'reduction batch: losses are sums over this many images (gdd.py section 4)'),
     fp16=(True, 'generator U-Net in bfloat16 on CUDA'),
-    data=('', "dataset zip/folder (EDM format); '' = draw the toy dataset"),
+    data=('', "dataset zip/folder in EDM's format (dataset_min.py makes it); required, but the toy preset draws its own"),
     xflip=(False, 'add x-flipped copies of the data'),
     dwidth=(1.0, 'discriminator width multiplier (CCM channels 64*dwidth, mini-D channels)'),
     teacher_sigma=(backbones.TEACHER_FEATURE_SIGMA, "noise level of the 'teacher' feature network"),
@@ -99,7 +101,7 @@ OPTIONS = dict(
     bench=(0, '> 0: time this many iterations on random data with a random-weight teacher, print images/s and peak memory'),
     tick=(25, 'kimg between progress lines'),
     snap=(10, 'ticks between snapshots (0 = at the end only)'),
-    workers=(4, 'data-loading processes'),
+    workers=(4, 'data-loading processes (at most the CPU cores)'),
     outdir=('runs', 'parent folder of the run folders'),
     export=('', 'also save the final network here'),
     device=('auto', "'auto', 'cpu', 'cuda', ..."),
@@ -122,6 +124,9 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for key, (default, text) in OPTIONS.items():
         default = PRESETS[preset].get(key, default)
+        if key in TOY_ONLY and preset != 'toy':
+            parser.set_defaults(**{key: default})
+            continue
         kind = _bool if isinstance(default, bool) else float if key in ('kimg', 'tick') else type(default)
         parser.add_argument('--' + key.replace('_', '-'), type=kind, default=default, metavar=key.upper(), help=text)
     parser.add_argument('--backbone-weights', action='append', default=[], metavar='NAME=PATH_OR_URL',
@@ -179,6 +184,7 @@ def check_options(cfg):
              f'--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)')
     cfg.data = local(cfg.data) if cfg.data else ''
     cfg.teacher = local(cfg.teacher)
+    cfg.workers = min(cfg.workers, cli.cpu_count())     # more workers than cores only slow down (DataLoader warns)
 
 
 def _bool(s):
@@ -239,12 +245,19 @@ BENCH_GEOMETRY = {'cifar10': (32, 0), 'cifar10-cond': (32, 10), 'afhqv2': (64, 0
 
 
 def load_teacher(cfg, device):
+    """The EDM teacher; the generator takes its architecture (its constructor arguments), noted where it differs
+    from the preset's paper configuration. Conditional presets need a conditional teacher, the others not."""
     teacher = safe_files.load_network(cfg.teacher, device=device).requires_grad_(False)
+    if type(teacher).__name__ != 'EDMPrecond':
+        raise SystemExit(f'error: {cfg.teacher} is a {type(teacher).__name__}, not an EDM teacher (EDMPrecond)')
+    kind = lambda n: f'class-conditional ({n} classes)' if n else 'unconditional'
+    if (teacher.label_dim > 0) != (BENCH_GEOMETRY[cfg.preset][1] > 0):
+        raise SystemExit(f'error: preset {cfg.preset} is {kind(BENCH_GEOMETRY[cfg.preset][1])}, the teacher {cfg.teacher} '
+                         f'is {kind(teacher.label_dim)}: use a teacher and a preset of the same kind')
     kwargs = teacher.init_kwargs
-    wrong = [f'{k}={kwargs.get(k)!r} (preset: {v!r})' for k, v in arch_kwargs(cfg).items() if kwargs.get(k) != v]
-    if type(teacher).__name__ != 'EDMPrecond' or wrong:
-        raise SystemExit(f'error: {cfg.teacher} is not an EDMPrecond {cfg.arch} network: ' +
-                         (', '.join(wrong) or type(teacher).__name__))
+    differ = [f'{k}={kwargs.get(k)!r} (paper: {v!r})' for k, v in arch_kwargs(cfg).items() if kwargs.get(k) != v]
+    if differ:
+        print(f'note: the teacher differs from the paper\'s {cfg.preset} network: {", ".join(differ)}; the generator takes the teacher\'s')
     return teacher
 
 
@@ -315,7 +328,8 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
     shape = [cfg.batch, G.img_channels, G.img_resolution, G.img_resolution]
     reduce = sum_grads_over_ranks if world > 1 else None
     print(f'Batch {cfg.batch} = {world} processes x {num_chunks} chunks x {batch_gpu} images, losses reduced over '
-          f'{cfg.loss_batch} images; device {device}' + (', generator U-Net in bfloat16' if cfg.fp16 and device.type == 'cuda' else ''))
+          f'{cfg.loss_batch} images; device {device}' + (', generator U-Net in bfloat16' if cfg.fp16 and device.type == 'cuda' else
+                                                          f', {torch.get_num_threads()} threads per process' if device.type == 'cpu' else ''))
 
     def iteration(chunks, step, seen):
         z_G = torch.randn(shape, generator=latent_gen, device=device)[rows].split(batch_gpu)
@@ -361,7 +375,7 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
                 torch.cuda.reset_peak_memory_stats(device)
             tick_seen, tick_time, sums, counts = seen, time.time(), {}, {}
             if rank == 0:
-                print(f'kimg {line["kimg"]:8.1f}  sec/kimg {line["sec_per_kimg"]:6.2f}  img/s {line["images_per_s"]:7.1f}  '
+                print(f'kimg {line["kimg"]:8.{1 if cfg.tick >= 1 else 3}f}  sec/kimg {line["sec_per_kimg"]:6.2f}  img/s {line["images_per_s"]:7.1f}  '
                       f'loss G {line["loss_G"]:.3f} D {line["loss_D"]:.3f}  logits real {line["logits_real"]:+.3f} '
                       f'fake {line["logits_fake"]:+.3f}  R1 {"-" if line["r1"] != line["r1"] else format(line["r1"], ".4g")}  mem {line["peak_mem_gb"]:.2f}GB  '
                       f'time {line["time"]:6.0f}s', flush=True)
@@ -379,11 +393,11 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
                 if done or (cfg.snap and tick % cfg.snap == 0):
                     with torch.no_grad():
                         images = cli.quantize(gdd.generate(G_ema, z_grid, c_grid))
-                    cli.save_grid(images, os.path.join(run_dir, f'samples-{seen // 1000:06d}.png'))
-                    save_snapshot(G_ema, cfg, os.path.join(run_dir, f'network-snapshot-{seen // 1000:06d}.pt'))
+                    cli.save_grid(images, os.path.join(run_dir, f'samples-{ts.kimg_name(seen, cfg.tick)}.png'))
+                    save_snapshot(G_ema, cfg, os.path.join(run_dir, f'network-snapshot-{ts.kimg_name(seen, cfg.tick)}.pt'))
                 if done or (cfg.state and tick % cfg.state == 0):
                     last_state = ts.save_training_state(run_dir, step, tick, seen, cfg, G, G_ema, D, opt_G, opt_D, latent_gen, batch_gpu)
-    print(f'Training done: {step} iterations, {seen / 1000:.1f} kimg in {time.time() - start:.0f}s')
+    print(f'Training done: {step} iterations, {seen / 1000:.{1 if cfg.tick >= 1 else 3}f} kimg in {time.time() - start:.0f}s')
     if cfg.fd_images and rank == 0:
         toy.evaluate_small(G_ema, teacher.to(device), dataset, run_dir, device, cfg.fd_images, cfg.classifier, toy_floor=not cfg.data)
 
@@ -438,52 +452,26 @@ def bench(cfg, iteration, G, device, world, num_chunks, batch_gpu):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    stdout, lock = sys.stdout, ts.RunLock()
-    try:
-        with cli.cli_errors():
-            if not cfg.bench:           # unwritable outputs fail now, not after the training they would hold
-                cli.check_output(cfg.outdir, '--outdir', folder=True)
-                if cfg.export:
-                    cli.check_output(cfg.export, '--export')
-            rank, world, device = cli.init_distributed(cfg.device)
-            # Rank 0 picks the state and the run folder and holds the folder's lock for the whole run.
-            path, state = ts.find_training_state(cfg.resume, cfg.outdir, cfg.preset, lock) if cfg.resume and rank == 0 else (None, None)
-            path = cli.broadcast(path, rank)
-            run_dir = None
-            if rank == 0 and not cfg.bench:
-                run_dir = os.path.dirname(os.path.abspath(path)) if path else cli.make_run_dir(cfg.outdir, cfg.preset)
-                lock.hold(run_dir)
-            run_dir = cli.broadcast(run_dir, rank)
-            if rank == 0 and run_dir:
-                sys.stdout = cli.Logger(os.path.join(run_dir, 'log.txt'), stdout)
-                ts.remove_leftovers(run_dir)
-            elif rank > 0:
-                sys.stdout = open(os.devnull, 'w')      # rank 0 reports for everyone; errors still go to stderr
-            print(f'Preset {cfg.preset}, run directory {run_dir}, device {device}, {world} process(es)'
-                  + (f', resuming from {path}' if path else ''))
-            print('Options: ' + json.dumps(vars(cfg)))
-            if path:
-                state = state if rank == 0 else ts.read_training_state(path)
-                ts.check_training_state(state, path)
-                if rank == 0:
-                    ts.resume_run_dir(path, state, cfg, effective_batch_gpu(cfg, world))
-            result = train_gdd(cfg, run_dir, device, rank, world, state, path)
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()     # every rank done with its collectives before the group goes away
-            return result
-    except SystemExit as e:
-        if isinstance(sys.stdout, cli.Logger) and isinstance(e.code, str):
-            sys.stdout.file.write(e.code + '\n')        # the reason a run stopped, in its log too
-        raise
-    finally:
-        if sys.stdout is not stdout:
-            sys.stdout.flush()
-            if isinstance(sys.stdout, cli.Logger):
-                sys.stdout.file.close()
-            sys.stdout = stdout
-        lock.release()
+    run = ts.RunFolder()    # the run folder's lock, log and last good state, released however the run ends
+    with run, cli.cli_errors(note=run.stop_note):
+        if not cfg.bench:           # missing data, unwritable outputs, a bad classifier: fail now, not after the training
+            if not (cfg.data or cfg.preset == 'toy'):
+                raise ValueError(f'preset {cfg.preset} needs --data, a dataset zip made by dataset_min.py (README: Datasets); '
+                                 'only the toy preset draws its own')
+            cli.check_output(cfg.outdir, '--outdir', folder=True)
+            if cfg.export:
+                cli.check_output(cfg.export, '--export')
+            if cfg.fd_images and cfg.classifier:
+                fid_min.load_detector(cfg.classifier)
+        rank, world, device = cli.init_distributed(cfg.device)
+        path, state = run.open(cfg, rank, effective_batch_gpu(cfg, world))   # rank 0 picks the state and the run folder
+        print(f'Preset {cfg.preset}, ' + (f'run directory {run.dir}' if run.dir else 'benchmark (writes nothing)')
+              + f', device {device}, {world} process(es)' + (f', resuming from {path}' if path else ''))
+        print('Options: ' + json.dumps(vars(cfg)))
+        result = train_gdd(cfg, run.dir, device, rank, world, state, path)
         if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            torch.distributed.barrier()     # every rank done with its collectives before the group goes away
+        return result
 
 if __name__ == '__main__':
     main()

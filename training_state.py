@@ -16,6 +16,10 @@ is then checked for structure (keys, types, the RNG state a uint8 tensor) and, o
 names, shapes and dtypes of every tensor: a mismatch is a one-line error, never a silent cast.
 One process per run folder: rank 0 holds an exclusive flock on RUN_DIR/.lock (released by the kernel when the
 process ends, however it ends); with the lock held, temporary files a killed run left behind are removed.
+The counters must agree: seen = the images of `step` iterations of --batch (a run whose --batch was overridden on
+resume records in its config batch_since = [iteration, images] at which the current batch began).
+--resume auto continues the newest run of the preset in --outdir whose state has this command's options (those
+--resume-override names may differ); with none, a new run starts and the note names the runs that differ.
 """
 
 import hashlib
@@ -24,6 +28,7 @@ import math
 import os
 import re
 import socket
+import sys
 import zipfile
 
 import torch
@@ -67,16 +72,23 @@ def save_training_state(run_dir, step, tick, seen, cfg, G, G_ema, D, opt_G, opt_
                  opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict(), latent_gen=latent_gen.get_state())
     path = os.path.join(run_dir, f'training-state-{step:08d}.pt')
     sidecar = path + '.sha256'
-    try:
-        safe_files.save_torch(state, path)
-        cli.atomic_write(sidecar, lambda f: f.write(f'{file_sha256(path)}  {os.path.basename(path)}\n'.encode()))
-    except (OSError, RuntimeError) as e:    # disk full, folder gone: the earlier states stay as they were
-        raise OSError(f'cannot write training state {path}: {getattr(e, "strerror", None) or e}') from None
-    for old in training_states(run_dir)[STATE_KEEP:]:
-        os.remove(old)
-        if os.path.exists(old + '.sha256'):
-            os.remove(old + '.sha256')
+    with cli.deferred_signals():    # a Ctrl-C / SIGTERM waits until the state, its checksum and the pruning are done
+        try:
+            safe_files.save_torch(state, path)
+            cli.atomic_write(sidecar, lambda f: f.write(f'{file_sha256(path)}  {os.path.basename(path)}\n'.encode()))
+        except (OSError, RuntimeError) as e:    # disk full, folder gone: the earlier states stay as they were
+            raise OSError(f'cannot write training state {path}: {getattr(e, "strerror", None) or e}') from None
+        for old in training_states(run_dir)[STATE_KEEP:]:
+            os.remove(old)
+            if os.path.exists(old + '.sha256'):
+                os.remove(old + '.sha256')
     return path
+
+
+def kimg_name(seen, tick):
+    """KKKKKK of the snapshot and sample-grid names: whole kimg as in EDM, or with the images (KKKKKK.III) in a run
+    whose ticks are under 1 kimg, so that each snapshot keeps a name of its own."""
+    return f'{seen // 1000:06d}' if tick >= 1 else f'{seen / 1000:010.3f}'
 
 
 def training_states(run_dir):
@@ -148,6 +160,11 @@ def check_training_state(state, path):
         sd = state[k]
         if not (isinstance(sd, dict) and isinstance(sd.get('state'), dict) and isinstance(sd.get('param_groups'), list)):
             raise ValueError(f'{path}: {k} must be an optimizer state dict (state, param_groups)')
+    batch, since = state['config'].get('batch'), state['config'].get('batch_since', [0, 0])
+    if not (type(batch) is int and batch >= 1 and isinstance(since, list) and len(since) == 2 and all(type(v) is int for v in since)
+            and state['tick'] <= state['step'] and 0 <= since[0] <= state['step'] and since[1] + (state['step'] - since[0]) * batch == state['seen']):
+        raise ValueError(f'{path}: its counters disagree: {state["seen"]} images after {state["step"]} iterations of batch '
+                         f'{batch!r:.40} and {state["tick"]} ticks (batch_since {since!r:.40}); a damaged or edited state')
     rng = state['latent_gen']
     if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.ndim != 1:
         got = f'{rng.dtype} tensor of shape {list(rng.shape)}' if isinstance(rng, torch.Tensor) else type(rng).__name__
@@ -253,58 +270,95 @@ def remove_leftovers(run_dir):
         print(f'note: removed {len(junk)} file(s) an interrupted run left in {run_dir}: {safe_files.few_names(junk)}')
 
 
-def find_training_state(resume, outdir, preset, lock=None):
-    """(path, state) of the newest intact training state of --resume, or (None, None) for 'auto' with none. A
-    damaged state is skipped with a note (an explicit FILE is an error). With a RunLock, the folder of each
-    candidate is locked before its states are listed and read."""
-    if resume == 'auto':
-        runs = sorted((d for d in (os.listdir(outdir) if os.path.isdir(outdir) else []) if re.match(rf'^\d+-{re.escape(preset)}$', d)), reverse=True)
-        folders = [os.path.join(outdir, d) for d in runs]
-    elif os.path.isdir(resume):
-        folders = [resume]
-    elif os.path.isfile(resume):
-        if lock is not None:
-            lock.hold(os.path.dirname(os.path.abspath(resume)))
+def newest_intact_state(folder):
+    """(path, state) of the newest training state in folder that reads back intact, or (None, None); a damaged
+    one is skipped with a note in favour of the previous one."""
+    for path in training_states(folder):
         try:
-            return resume, read_training_state(resume)
-        except ValueError as e:
-            raise SystemExit(f'error: --resume {resume}: no complete training state: {str(e).partition(": ")[2] or e}') from None
-    else:
-        raise SystemExit(f'error: --resume {resume}: no such file or folder')
-    for folder in folders:
-        if not training_states(folder):
-            continue
-        if lock is not None:
-            lock.hold(folder)
-        for path in training_states(folder):
-            try:
-                return path, read_training_state(path)
-            except ValueError as e:     # cut off or corrupt: fall back to the previous state
-                print(f'note: skipping {path}: {str(e).partition(": ")[2] or e}')
-    if lock is not None:
-        lock.release()
-    if resume != 'auto':
-        raise SystemExit(f'error: --resume {resume}: no complete training state found')
+            return path, read_training_state(path)
+        except ValueError as e:     # cut off or corrupt: fall back to the previous state
+            print(f'note: skipping {path}: {str(e).partition(": ")[2] or e}')
     return None, None
 
 
-def resume_run_dir(path, state, cfg, batch_gpu):
-    """Check the state belongs to this configuration (batch_gpu: this run's effective value); drop the
-    stats.jsonl lines written after it. Returns the run folder."""
+def find_training_state(resume, outdir, preset, lock=None, differences=None):
+    """(path, state) of the newest intact training state of --resume (a FILE, a RUN_DIR or 'auto'), or (None, None)
+    for 'auto' with none. A damaged state is skipped with a note (an explicit FILE is an error). With a RunLock,
+    the folder of the state is locked before its states are listed and read (for 'auto': once it matches, and
+    then listed again). differences(state) -> the options of this command that the state does not share: 'auto'
+    takes the newest run of the preset in outdir without any, and when there is none says which runs differ."""
+    if resume != 'auto':
+        if os.path.isfile(resume):
+            if lock is not None:
+                lock.hold(os.path.dirname(os.path.abspath(resume)))
+            try:
+                return resume, read_training_state(resume)
+            except ValueError as e:
+                raise SystemExit(f'error: --resume {resume}: no complete training state: {str(e).partition(": ")[2] or e}') from None
+        if not os.path.isdir(resume):
+            raise SystemExit(f'error: --resume {resume}: no such file or folder')
+        if lock is not None and training_states(resume):
+            lock.hold(resume)
+        path, state = newest_intact_state(resume)
+        if path is None:
+            if lock is not None:
+                lock.release()
+            raise SystemExit(f'error: --resume {resume}: no complete training state found')
+        return path, state
+    runs = sorted((d for d in (os.listdir(outdir) if os.path.isdir(outdir) else []) if re.match(rf'^\d+-{re.escape(preset)}$', d)), reverse=True)
+    others = []
+    for folder in (os.path.join(outdir, d) for d in runs):
+        path, state = newest_intact_state(folder)      # read unlocked: states are renamed into place whole
+        if path is None:
+            continue
+        try:
+            check_training_state(state, path)
+            differ = differences(state) if differences is not None else None
+        except ValueError as e:
+            differ = f'unusable: {str(e).partition(": ")[2] or e}'
+        if differ:
+            others.append(f'{folder} ({differ})')
+            continue
+        if lock is not None:
+            lock.hold(folder)       # its own run, if another process trains it now; then a newer state may exist
+            if training_states(folder)[0] != path:
+                path, state = newest_intact_state(folder)
+        return path, state
+    if others:
+        print(f'note: --resume auto: no run of preset {preset} in {outdir} has these options, so a new run starts. '
+              f'Runs there: {"; ".join(others)}. To continue one of them, name it: --resume RUN_DIR')
+    return None, None
+
+
+def option_changes(state, cfg, batch_gpu):
+    """(changed, refused): {option: (value in the state, value now)} of the options that change the trajectory and
+    differ (batch_gpu: this run's effective value), and the list of those that --resume-override does not name."""
     saved = state['config']
     now = {k: getattr(cfg, k) for k in RESUME_MUST_MATCH if hasattr(cfg, k)}
     old = {k: saved.get(k) for k in now}
     if 'batch_gpu' in state:    # states of older versions hold only the option, 0 when derived
         now['batch_gpu'], old['batch_gpu'] = batch_gpu, state['batch_gpu']
-    changed = [k for k in now if old[k] != now[k]]
+    changed = {k: (old[k], now[k]) for k in now if old[k] != now[k]}
     override = [k.strip().replace('-', '_') for k in getattr(cfg, 'resume_override', '').split(',') if k.strip()]
-    refused = [k for k in changed if k not in override]
+    return changed, [k for k in changed if k not in override]
+
+
+def describe_changes(changed, keys):
+    return ', '.join(f'{k}={changed[k][0]!r:.200} (now {changed[k][1]!r:.200})' for k in keys)
+
+
+def resume_run_dir(path, state, cfg, batch_gpu):
+    """Check the state belongs to this configuration (batch_gpu: this run's effective value); drop the
+    stats.jsonl lines written after it. Returns the run folder."""
+    changed, refused = option_changes(state, cfg, batch_gpu)
     if refused:
         hint = '' if set(refused) & set(RESUME_FIXED) else f'; to continue anyway with the new values: --resume-override {",".join(refused)}'
-        raise SystemExit(f'error: {path} was written with ' +
-                         ', '.join(f'{k}={old[k]!r:.200} (now {now[k]!r:.200})' for k in refused) + hint)
-    for k in changed:
-        print(f'note: --resume-override {k}: {old[k]!r:.200} -> {now[k]!r:.200} from iteration {state["step"]} on')
+        raise SystemExit(f'error: {path} was written with {describe_changes(changed, refused)}{hint}')
+    for k, (old, now) in changed.items():
+        print(f'note: --resume-override {k}: {old!r:.200} -> {now!r:.200} from iteration {state["step"]} on')
+    since = [state['step'], state['seen']] if 'batch' in changed else state['config'].get('batch_since', [0, 0])
+    if since != [0, 0]:
+        cfg.batch_since = since     # saved with the config: where the current --batch began (the counter check)
     run_dir = os.path.dirname(os.path.abspath(path))
     stats_path = os.path.join(run_dir, 'stats.jsonl')
     if os.path.isfile(stats_path):
@@ -317,3 +371,54 @@ def resume_run_dir(path, state, cfg, batch_gpu):
                 pass        # a line cut off by the kill
         cli.atomic_write(stats_path, lambda f: f.write(''.join(keep).encode()))
     return run_dir
+
+
+class RunFolder:
+    """A training run's folder from start to end. open(): rank 0 finds the state to continue or makes a new
+    numbered folder, holds the folder's lock, logs to its log.txt (cli.RunLog) and removes what a killed run left;
+    the other ranks print nothing (rank 0 reports for all). Leaving the `with` block, however the run ends: the
+    lock is released, the log closed (a failed start leaves no folder behind) and the process group closed."""
+    def __init__(self):
+        self.dir, self.lock, self.log, self.stdout = None, RunLock(), cli.RunLog(), None
+
+    def open(self, cfg, rank, batch_gpu):
+        """(path, state) to continue from, checked against this configuration, or (None, None) for a new run."""
+        path = state = None
+        if cfg.resume and rank == 0:
+            differences = lambda s: describe_changes(*option_changes(s, cfg, batch_gpu))
+            path, state = find_training_state(cfg.resume, cfg.outdir, cfg.preset, self.lock, differences)
+        path = cli.broadcast(path, rank)
+        if rank == 0 and not cfg.bench:
+            self.dir = os.path.dirname(os.path.abspath(path)) if path else cli.make_run_dir(cfg.outdir, cfg.preset)
+            self.lock.hold(self.dir)
+            self.log.start(self.dir, made=not path)
+            remove_leftovers(self.dir)
+        elif rank > 0:
+            self.stdout, sys.stdout = sys.stdout, open(os.devnull, 'w')
+        self.dir = cli.broadcast(self.dir, rank)
+        if path:
+            state = state if rank == 0 else read_training_state(path)
+            check_training_state(state, path)
+            if rank == 0:
+                resume_run_dir(path, state, cfg, batch_gpu)
+        return path, state
+
+    def stop_note(self):
+        """What a stopped run leaves to continue from (the note of cli.clean_stop)."""
+        if self.dir is None:
+            return None
+        states = training_states(self.dir)
+        return (f'the last good training state is {states[0]}; to continue, run the same command with --resume auto'
+                if states else 'no training state was written')
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.stdout is not None:
+            sys.stdout.close()
+            sys.stdout, self.stdout = self.stdout, None
+        self.lock.release()
+        self.log.__exit__(*exc)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

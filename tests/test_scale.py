@@ -142,8 +142,8 @@ def test_resume_continues_bit_for_bit(tmp_path):
     path, state = training_state.find_training_state('auto', str(tmp_path / 'b'), 'toy')
     assert path.endswith('training-state-00000018.pt') and state['step'] == 18
     assert training_state.find_training_state('auto', str(tmp_path / 'empty'), 'toy') == (None, None)
-    with pytest.raises(SystemExit, match=r'batch=4 \(now 8\)'):
-        train_min.main([*args, '--outdir', str(tmp_path / 'b'), '--resume', 'auto', '--batch', '8'])
+    with pytest.raises(SystemExit, match=r'batch=4 \(now 8\)'):      # (auto would start a new run: test_robustness.py)
+        train_min.main([*args, '--outdir', str(tmp_path / 'b'), '--resume', str(run_b), '--batch', '8'])
 
 
 def test_state_with_old_spectral_norm_layout_is_refused(tmp_path):

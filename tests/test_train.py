@@ -79,7 +79,7 @@ def test_toy_end_to_end(tmp_path, capsys):
     assert 'toy FID  accuracy    FD 8x8   speckle' in out and 'data_floor' in out
     # Four columns (3 samplers + data) of 5 x 32 pixels at 2x with 8-pixel gaps.
     assert PIL.Image.open(run / 'compare.png').size[0] == 4 * 5 * 32 * 2 + 3 * 8
-    assert (run / 'samples-000000.png').exists() and (run / 'log.txt').read_text().count('kimg') >= 3
+    assert (run / 'samples-000000.068.png').exists() and (run / 'log.txt').read_text().count('kimg') >= 3   # ticks < 1 kimg: KKKKKK.III
     G = sample_min.load_generator(str(tmp_path / 'g.pt'))
     assert isinstance(G, gdd.GDDPrecond) and G.label_dim == 10
 
@@ -90,7 +90,7 @@ def test_training_refuses_mismatched_data_and_teacher(tmp_path):
     dataset_min.save_dataset(str(tmp_path / 'd16'), images16, [0, 1, 2, 3])
     with pytest.raises(SystemExit, match=r'needs \(32, 3, 10\)'):
         train_min.main(['toy', '--outdir', str(tmp_path / 'runs'), '--teacher', str(tmp_path / 'teacher.pt'), '--data', str(tmp_path / 'd16')])
-    with pytest.raises(SystemExit, match='not an EDMPrecond ncsnpp network'):
+    with pytest.raises(SystemExit, match='preset cifar10 is unconditional, the teacher .* is class-conditional'):
         train_min.main(['cifar10', '--outdir', str(tmp_path / 'runs'), '--teacher', str(tmp_path / 'teacher.pt'), '--data', str(tmp_path / 'd16')])
     with pytest.raises(SystemExit, match='no such file'):
         train_min.main(['toy', '--outdir', str(tmp_path / 'runs'), '--teacher', str(tmp_path / 'missing.pt')])

@@ -221,7 +221,7 @@ def clean_stop(note=None):
         if not peer_failed(e):
             raise
         _stop['stopping'] = True
-        _say_stopped('stopped: another process of this run failed (its error is above)', note)
+        _say_stopped('stopped: another process of this run failed (its own error line gives the cause)', note)
         raise SystemExit(1) from None
     finally:
         for s, handler in old.items():

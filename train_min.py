@@ -96,7 +96,7 @@ OPTIONS = dict(
     batch_gpu=(0, "images per D call and process (D's BatchNorm batch, quirk 6); smaller than batch / processes "
                   'accumulates gradients (0 = min(batch / processes, loss batch), the official per-GPU batch)'),
     state=(10, 'ticks between training-state files (0 = at the end only); the last 3 are kept'),
-    resume=('', "continue from a training state: file, run folder, or 'auto' (newest in --outdir, else start fresh)"),
+    resume=('', "continue from a training state: file, run folder, or 'auto' (the newest run in --outdir with these options, else a new run)"),
     resume_override=('', 'comma-separated options that may differ from the resumed state (e.g. r1_gamma,lr); logged'),
     bench=(0, '> 0: time this many iterations on random data with a random-weight teacher, print images/s and peak memory'),
     tick=(25, 'kimg between progress lines'),

@@ -102,6 +102,11 @@ def gather_to_rank0(items):
     torch.distributed.gather_object(items, parts, dst=0)
     return None if parts is None else [x for p in parts for x in p]
 
+
+def cpu_count():
+    """CPU cores this process may use (what a DataLoader compares its number of workers with)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
 #----------------------------------------------------------------------------
 # Expected errors -> one line. Bad input (a missing or refused file, a wrong shape, a full disk, a corrupt image
 # in a DataLoader worker) ends with `error: ...` and exit status 1; anything else (AssertionError, TypeError,
@@ -228,10 +233,6 @@ def clean_stop(note=None):
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         if old:
             _stop.update(pending=None, stopping=False)
-
-def cpu_count():
-    """CPU cores this process may use (what a DataLoader compares its number of workers with)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 #----------------------------------------------------------------------------
 # Outputs.

@@ -54,6 +54,15 @@ def files(tmp_path_factory):
     return d, args
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread per process here and in the subprocesses: the same arithmetic, and fast on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def runs_in(outdir):
     return sorted(os.path.basename(p) for p in glob.glob(os.path.join(str(outdir), '0*')))
 
@@ -221,17 +230,8 @@ def test_edm_nets_bench_on_cuda_without_cuda_is_one_line():
 # 6. Ctrl-C (SIGINT) and SIGTERM: one line, exit status 130 / 143, nothing half-written; training names its last
 #    good state and the next --resume auto continues it bit for bit.
 
-@pytest.fixture
-def one_thread():
-    """One thread per process here and in the subprocesses: the same arithmetic, and fast on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
-def test_training_stops_cleanly_and_resumes_bit_for_bit(files, tmp_path, sig, one_thread):
+def test_training_stops_cleanly_and_resumes_bit_for_bit(files, tmp_path, sig):
     d, args = files
     argv = [*args, '--kimg', '0.1', '--tick', '0.012']      # 25 iterations, a state every 3
     train_min.main([*argv, '--outdir', str(tmp_path / 'whole')])
@@ -269,7 +269,7 @@ def test_signal_during_a_state_write_waits_for_the_state(files, tmp_path, monkey
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL      # the handlers are put back
 
 
-def test_sample_fid_dataset_and_toy_stop_cleanly(files, tmp_path, one_thread):
+def test_sample_fid_dataset_and_toy_stop_cleanly(files, tmp_path):
     d, _ = files
     torch.jit.script(StandInDetector()).save(str(tmp_path / 'det.pt'))
     np.savez(tmp_path / 'ref.npz', mu=np.zeros(8), sigma=np.eye(8))

@@ -3,7 +3,6 @@ end every command cleanly and --resume auto continues bit for bit, a failed torc
 ends the other ranks quietly, and --resume auto finds the run whose options match. One section per problem."""
 
 import glob
-import json
 import os
 import select
 import signal
@@ -93,7 +92,7 @@ def assert_stop_line(code, err, sig, text=''):
     return lines[0]
 
 #----------------------------------------------------------------------------
-# 1. Only the toy preset draws its own data: a paper preset without --data (or with --data "") stops up front.
+# Only the toy preset draws its own data: a paper preset without --data (or with --data "") stops up front.
 
 def test_paper_preset_needs_data(tmp_path):
     for argv in (['cifar10'], ['cifar10', '--data', ''], ['imagenet64', '--data', '']):
@@ -102,8 +101,8 @@ def test_paper_preset_needs_data(tmp_path):
     assert not (tmp_path / 'runs').exists()
 
 #----------------------------------------------------------------------------
-# 2. Conditional presets need a conditional teacher (and the others an unconditional one); a conditional teacher
-#    needs labelled data whose classes it knows. 13. A failed start leaves no run folder.
+# Conditional presets need a conditional teacher (and the others an unconditional one); a conditional teacher
+# needs labelled data whose classes it knows. A failed start leaves no run folder.
 
 def test_conditioning_must_agree_before_any_work(files, tmp_path):
     d, args = files
@@ -123,7 +122,7 @@ def test_conditioning_must_agree_before_any_work(files, tmp_path):
     assert runs_in(tmp_path / 'runs') == []         # no empty numbered folder from the failed starts
 
 #----------------------------------------------------------------------------
-# 9. The generator takes the teacher's architecture; a difference from the paper's network is noted.
+# The generator takes the teacher's architecture; a difference from the paper's network is noted.
 
 def test_teacher_architecture_is_the_teachers(files, tmp_path, capsys):
     d, _ = files
@@ -137,7 +136,7 @@ def test_teacher_architecture_is_the_teachers(files, tmp_path, capsys):
     assert isinstance(G, gdd.GDDPrecond) and G.init_kwargs['model_channels'] == 16 and G.label_dim == 0
 
 #----------------------------------------------------------------------------
-# 3. --resume auto continues the run whose options match, not the newest folder of the preset.
+# --resume auto continues the run whose options match, not the newest folder of the preset.
 
 def test_resume_auto_finds_the_matching_run(files, tmp_path, capsys):
     d, args = files
@@ -164,7 +163,7 @@ def test_resume_auto_finds_the_matching_run(files, tmp_path, capsys):
     assert 'resuming from ' + str(tmp_path / 'runs' / '00001-toy' / 'training-state-00000003.pt') in capsys.readouterr().out
 
 #----------------------------------------------------------------------------
-# 4. A dataset.json that lists files the zip (or folder) does not hold: the copy is incomplete.
+# A dataset.json that lists files the zip (or folder) does not hold: the copy is incomplete.
 
 def test_dataset_json_listing_missing_images_is_refused(files, tmp_path):
     d, args = files
@@ -183,7 +182,7 @@ def test_dataset_json_listing_missing_images_is_refused(files, tmp_path):
     assert runs_in(tmp_path / 'runs') == []
 
 #----------------------------------------------------------------------------
-# 5. Failures that used to come late come first; a state whose counters disagree is refused.
+# Failures that used to come late come first; a state whose counters disagree is refused.
 
 def test_late_failures_come_first(files, tmp_path, monkeypatch):
     d, args = files
@@ -227,8 +226,8 @@ def test_edm_nets_bench_on_cuda_without_cuda_is_one_line():
     assert r.returncode == 1 and (r.stdout + r.stderr).strip() == 'error: CUDA is not available; use --device cpu'
 
 #----------------------------------------------------------------------------
-# 6. Ctrl-C (SIGINT) and SIGTERM: one line, exit status 130 / 143, nothing half-written; training names its last
-#    good state and the next --resume auto continues it bit for bit.
+# Ctrl-C (SIGINT) and SIGTERM: one line, exit status 130 / 143, nothing half-written; training names its last
+# good state and the next --resume auto continues it bit for bit.
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
 def test_training_stops_cleanly_and_resumes_bit_for_bit(files, tmp_path, sig):
@@ -294,8 +293,8 @@ def test_sample_fid_dataset_and_toy_stop_cleanly(files, tmp_path):
     assert_stop_line(code, err, signal.SIGINT)
 
 #----------------------------------------------------------------------------
-# 7. Under torchrun a failing rank prints the one cause; the other ends within a bounded time without a
-#    traceback. 8. A rank whose launcher is killed stops.
+# Under torchrun a failing rank prints the one cause; the other ends within a bounded time without a
+# traceback. A rank whose launcher is killed stops.
 
 def torchrun(tmp_path, script, argv, **popen):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--redirects', '3',
@@ -363,15 +362,18 @@ def test_ranks_stop_when_the_launcher_is_killed(files, tmp_path):
     deadline = time.time() + 60
     while any(map(alive, ranks)) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(map(alive, ranks))
+    left = [pid for pid in ranks if alive(pid)]
+    for pid in left:                                # a failed test leaves no rank training on
+        os.kill(pid, signal.SIGKILL)
+    assert not left
     newest = training_state.training_states(str(run))[0]
     assert (run / 'log.txt').read_text().rstrip().endswith(
         f'stopped: the torchrun launcher is gone; the last good training state is {newest}; to continue, run the same '
         'command with --resume auto')
 
 #----------------------------------------------------------------------------
-# 10. CPU arithmetic depends on the threads per process: the log says how many. 11. Ticks under 1 kimg: every
-#     snapshot keeps its own name and progress is readable. 13. --bench says it writes nothing.
+# CPU arithmetic depends on the threads per process: the log says how many. Ticks under 1 kimg: every
+# snapshot keeps its own name and progress is readable. --bench says it writes nothing.
 
 def test_small_ticks_keep_every_snapshot(files, tmp_path, capsys):
     d, args = files
@@ -394,8 +396,8 @@ def test_workers_at_most_the_cores():
     assert train_min.parse_args(['cifar10', '--workers', '1']).workers == 1
 
 #----------------------------------------------------------------------------
-# 13. Toy-only options are not offered by the paper presets; --check reads every network format; --npz of a
-#     conditional network stores the classes; the old edm_nets.py --load names the new command.
+# Toy-only options are not offered by the paper presets; --check reads every network format; --npz of a
+# conditional network stores the classes; the old edm_nets.py --load names the new command.
 
 def test_paper_presets_offer_no_toy_options(capsys):
     for preset, shown in (('cifar10', False), ('toy', True)):

@@ -290,7 +290,7 @@ def find_training_state(resume, outdir, preset, lock=None):
 
 def resume_run_dir(path, state, cfg, batch_gpu):
     """Check the state belongs to this configuration (batch_gpu: this run's effective value); drop the
-    stats.jsonl lines written after it. Returns the run folder."""
+    stats.jsonl and metrics.jsonl lines written after it. Returns the run folder."""
     saved = state['config']
     now = {k: getattr(cfg, k) for k in RESUME_MUST_MATCH if hasattr(cfg, k)}
     old = {k: saved.get(k) for k in now}
@@ -306,8 +306,9 @@ def resume_run_dir(path, state, cfg, batch_gpu):
     for k in changed:
         print(f'note: --resume-override {k}: {old[k]!r:.200} -> {now[k]!r:.200} from iteration {state["step"]} on')
     run_dir = os.path.dirname(os.path.abspath(path))
-    stats_path = os.path.join(run_dir, 'stats.jsonl')
-    if os.path.isfile(stats_path):
+    for stats_path in (os.path.join(run_dir, name) for name in ('stats.jsonl', 'metrics.jsonl')):
+        if not os.path.isfile(stats_path):
+            continue
         keep = []
         for line in open(stats_path):
             try:

@@ -224,7 +224,7 @@ def attention(qkv, heads):
     [q | k | v], each head-major (heads x d): (B, T, C), before the output projection. Written out rather than a
     fused kernel: R1 needs its double backward."""
     B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    q, k, v = qkv.view(B, T, 3, heads, C // heads).permute(2, 0, 3, 1, 4)               # (B, nh, T, hs)
+    q, k, v = qkv.view(B, T, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)     # (B, nh, T, hs)
     a = torch.softmax(q @ k.transpose(-2, -1) * (C // heads) ** -0.5, dim=-1)
     return (a @ v).transpose(1, 2).reshape(B, T, C)
 

@@ -535,7 +535,7 @@ class SnapshotMetrics:
         self.networks = load_networks(self.metrics, cfg.detector, device=device)
         self.seeds, self.batch, self.device, self.rank, self.world = list(range(self.num))[rank::world], batch, device, rank, world
         self.best = None
-        path = os.path.join(run_dir or '', 'metrics.jsonl')
+        path = os.path.join(run_dir, 'metrics.jsonl')
         for line in open(path) if rank == 0 and os.path.isfile(path) else []:    # a resumed run: its record so far
             try:
                 self.note(json.loads(line))
@@ -544,7 +544,7 @@ class SnapshotMetrics:
 
     def note(self, line):
         """Keep the lowest-FID line so far and name its snapshot in best-snapshot.json."""
-        if self.best is None or line['fid'] < self.best['fid']:
+        if line['fid'] is not None and (self.best is None or line['fid'] < self.best['fid']):
             self.best = {k: line[k] for k in ('snapshot', 'kimg', 'fid')}
             cli.atomic_write(os.path.join(self.run_dir, 'best-snapshot.json'), lambda f: f.write(json.dumps(self.best).encode() + b'\n'))
 
@@ -557,6 +557,7 @@ class SnapshotMetrics:
             return None
         line = dict(kimg=kimg, snapshot=snapshot, **compute_metrics(self.metrics, stats, rows, self.ref, self.device),
                     images=self.num, seconds=time.time() - t0)
+        line = {k: None if v != v else v for k, v in line.items()}             # NaN (0 log 0 in IS) -> null
         with open(os.path.join(self.run_dir, 'metrics.jsonl'), 'a') as f:
             f.write(json.dumps(line) + '\n')
         self.note(line)

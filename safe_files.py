@@ -645,6 +645,38 @@ def _check_crcs(zf):
                 raise _BadFile(f'zip member {info.filename!r:.80} fails its CRC-32 check (the file is corrupted)') from None
 
 
+def _zip_records(f, size, what, deflated_limit=0):
+    """(zip, data.pkl read by the inert machine as records, {storage key: (dtype, numel, member)}) of a torch zip
+    archive (torch.save, torch.jit.save) whose directory passes _torch_zip and whose every storage member holds
+    exactly the bytes its record declares. Nothing is decompressed or allocated beyond what the file holds."""
+    zf, top = _torch_zip(f, size, deflated_limit)
+    pids, data = [], zf.read(f'{top}/data.pkl')
+    records = _Unpickler(io.BytesIO(data), len(data), None, None, pids, what).load()
+    storages = {}
+    for key, (dtype, numel) in _storages(pids).items():
+        info = zf.NameToInfo.get(f'{top}/data/{key}')
+        if info is None or info.file_size != numel * dtype.itemsize:
+            raise _BadFile(f'storage {key!r} declares {numel} x {dtype}, its record holds '
+                           f'{"nothing" if info is None else f"{info.file_size} bytes"}')
+        storages[key] = (dtype, numel, info)
+    return zf, records, storages
+
+
+@contextlib.contextmanager
+def _refusals(path, what):
+    """Any failure while `path` is read as `what` becomes one line: FileNotFoundError, UnsafePickleError, or
+    ValueError('<path>: not a readable <what> (<reason>)')."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise FileNotFoundError(f'no such file: {path}') from None
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f'{path}: {e}') from None
+    except Exception as e:
+        reason = str(e) if isinstance(e, _BadFile) else f'{type(e).__name__}: {error_line(e)}'
+        raise ValueError(f'{path}: not a readable {what} ({reason})') from None
+
+
 def load_torch_file(path):
     """Validated torch.load(path, map_location='cpu', weights_only=True) for any torch.save file that comes from
     outside (gdd-min checkpoints and training states, backbone weights): a hostile or broken file costs no more
@@ -658,29 +690,13 @@ def load_torch_file(path):
     Returns the loaded object. Raises FileNotFoundError, or ValueError('<path>: <problem>') (UnsafePickleError,
     a ValueError, when a global or opcode is refused)."""
     name = str(path)
-    try:
-        with open(path, 'rb') as f:
-            size = os.fstat(f.fileno()).st_size
-            if f.read(4) == b'PK\x03\x04':
-                zf, top = _torch_zip(f, size)
-                pids, data = [], zf.read(f'{top}/data.pkl')
-                _Unpickler(io.BytesIO(data), len(data), None, None, pids, 'a torch.save file').load()
-                for key, (dtype, numel) in _storages(pids).items():
-                    info = zf.NameToInfo.get(f'{top}/data/{key}')
-                    if info is None or info.file_size != numel * dtype.itemsize:
-                        raise _BadFile(f'storage {key!r} declares {numel} x {dtype}, its record holds '
-                                       f'{"nothing" if info is None else f"{info.file_size} bytes"}')
-                _check_crcs(zf)
-            else:
-                f.seek(0)
-                _legacy_layout(f, size)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'no such file: {path}') from None
-    except UnsafePickleError as e:
-        raise UnsafePickleError(f'{name}: {e}') from None
-    except Exception as e:
-        reason = str(e) if isinstance(e, _BadFile) else f'{type(e).__name__}: {error_line(e)}'
-        raise ValueError(f'{name}: not a readable torch.save file ({reason})') from None
+    with _refusals(path, 'torch.save file'), open(path, 'rb') as f:
+        size = os.fstat(f.fileno()).st_size
+        if f.read(4) == b'PK\x03\x04':
+            _check_crcs(_zip_records(f, size, 'a torch.save file')[0])
+        else:
+            f.seek(0)
+            _legacy_layout(f, size)
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -1029,27 +1045,10 @@ def read_torchscript_tensors(path):
     (objects only records of __torch__.* classes, tensors only _rebuild_tensor_v2 records), every storage member
     holding exactly its declared bytes and its CRC-32; then every view inside its storage, and all tensors together
     no more bytes than the storages. Raises ValueError('<path>: <problem>')."""
-    name = str(path)
-    try:
-        with open(path, 'rb') as f:
-            zf, top = _torch_zip(f, os.fstat(f.fileno()).st_size, TORCHSCRIPT_MAX_CODE)
-            data, pids = zf.read(f'{top}/data.pkl'), []
-            root = _Unpickler(io.BytesIO(data), len(data), None, None, pids, 'a TorchScript archive').load()
-            storages = {}
-            for key, (dtype, numel) in _storages(pids).items():
-                info = zf.NameToInfo.get(f'{top}/data/{key}')
-                if info is None or info.file_size != numel * dtype.itemsize:
-                    raise _BadFile(f'storage {key!r} declares {numel} x {dtype}, its record holds '
-                                   f'{"nothing" if info is None else f"{info.file_size} bytes"}')
-                storages[key] = (dtype, numel, zf.read(info))      # zipfile checks the CRC-32 as it reads
-        return _module_tensors(root, storages)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'no such file: {path}') from None
-    except UnsafePickleError as e:
-        raise UnsafePickleError(f'{name}: {e}') from None
-    except Exception as e:
-        reason = str(e) if isinstance(e, _BadFile) else f'{type(e).__name__}: {error_line(e)}'
-        raise ValueError(f'{name}: not a readable TorchScript archive ({reason})') from None
+    with _refusals(path, 'TorchScript archive'), open(path, 'rb') as f:
+        zf, root, storages = _zip_records(f, os.fstat(f.fileno()).st_size, 'a TorchScript archive', TORCHSCRIPT_MAX_CODE)
+        # zipfile checks each member's CRC-32 as it reads it
+        return _module_tensors(root, {key: (dtype, numel, zf.read(info)) for key, (dtype, numel, info) in storages.items()})
 
 
 def _module_tensors(root, storages):

@@ -416,6 +416,9 @@ def test_ref_and_calc_all_metrics_offline(offline, capsys):
     assert set(same) == {'fid', 'is_mean', 'is_std', 'precision', 'recall', 'fd_clip', 'fd_dinov2', 'images'}
     assert max(abs(same[k]) for k in ('fid', 'fd_clip', 'fd_dinov2')) < 1e-6 and same['precision'] == same['recall'] == 1
     assert json.loads((d / 'r.json').read_text())['fd_dinov2'] == same['fd_dinov2']
+    # Generated in memory by a network (the shipped toy generator, 32x32: the stand-ins take any size).
+    net = run('calc', '--net', toy.ASSETS + '/toy-gdd.pt', '--num', 12, '--ref', d / 'ref.npz', '--metrics', 'fid,is,pr', *weights)
+    assert net['images'] == 12 and np.isfinite([net['fid'], net['is_mean'], net['precision'], net['recall']]).all()
     out = capsys.readouterr().out
     assert 'FID ' in out and 'FD_CLIP ' in out and 'precision 1.0000' in out and '24/24 images' in out
     # Other images: each metric equals its definition applied to the networks' outputs directly.

@@ -221,11 +221,10 @@ def detect(detector, images):
     with torch.no_grad():
         return detector(images, return_features=True).to(torch.float64)
 
+
 def class_probabilities(detector, images):
     """The Inception detector's 1008 class probabilities without its output bias, [N, 1008] float32: StyleGAN2-ADA
     calls it so for the Inception Score (guided-diffusion multiplies the pool features by the same weights)."""
-    if isinstance(detector, ToyClassifier):
-        raise ValueError('--metrics is needs the Inception detector (the toy classifier gives no class probabilities)')
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
     with torch.no_grad():
@@ -236,8 +235,8 @@ def pil_bicubic(images, size):
     """uint8 [N, C, H, W] -> uint8 [N, 3, size, size], each image resized by Pillow's BICUBIC filter, which rounds
     and clamps to uint8 between its horizontal and vertical passes (clean-fid's torchvision Resize on a PIL image
     is this call for square images)."""
-    resized = [np.asarray(cli.to_pil(x).convert('RGB').resize((size, size), PIL.Image.BICUBIC)) for x in images.cpu().numpy()]
-    return torch.from_numpy(np.stack(resized).transpose(0, 3, 1, 2))
+    resized = [cli.to_pil(x).convert('RGB').resize((size, size), PIL.Image.BICUBIC) for x in images.cpu().numpy()]
+    return torch.from_numpy(np.stack([np.asarray(x) for x in resized]).transpose(0, 3, 1, 2))
 
 
 def normalize(x, mean, std):
@@ -273,7 +272,8 @@ class DINOv2Features:
     def preprocess(self, images):
         if images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)
-        x = F.interpolate(images.to(self.net.norm.weight.device, torch.float32), size=(224, 224), mode='bicubic', antialias=True)
+        x = images.to(self.net.norm.weight.device, torch.float32)
+        x = F.interpolate(x, size=(224, 224), mode='bicubic', antialias=True)
         return normalize(x, backbones.IMAGENET_MEAN, backbones.IMAGENET_STD)
 
     def __call__(self, images):
@@ -400,10 +400,13 @@ def load_networks(metrics, detector=DETECTOR_URL, clip_weights=backbones.WEIGHT_
     paths, missing = {}, []
     for output, source in sources.items():
         try:
-            paths[output] = backbones.resolve_weights(NETWORK_OF[output], source) if output in NETWORK_OF else safe_files.open_url(source)
+            if output in NETWORK_OF:        # its message names the file to download and the option
+                paths[output] = backbones.resolve_weights(NETWORK_OF[output], source)
+            else:
+                paths[output] = safe_files.open_url(source)
         except FileNotFoundError as e:
-            missing.append(cli.error_line(e) if output in NETWORK_OF else
-                           f'no such file: {source} (the Inception detector: download {DETECTOR_URL} and pass its local path, --detector PATH)')
+            missing.append(cli.error_line(e) if output in NETWORK_OF else f'no such file: {source} (the Inception '
+                           f'detector: download {DETECTOR_URL} and pass its local path, --detector PATH)')
         except OSError as e:
             missing.append(cli.error_line(e) + ('' if output in NETWORK_OF else ' (--detector PATH)'))
     if missing:
@@ -411,6 +414,8 @@ def load_networks(metrics, detector=DETECTOR_URL, clip_weights=backbones.WEIGHT_
     nets = {}
     if 'inception' in paths:
         inception = load_detector(paths['inception'], device)
+        if 'inception_probs' in outputs and isinstance(inception, ToyClassifier):
+            raise ValueError('--metrics is needs the Inception detector (the toy classifier gives no class probabilities)')
         nets.update(inception=lambda x: detect(inception, x), inception_probs=lambda x: class_probabilities(inception, x))
     if 'clip' in paths:
         nets['clip'] = CLIPFeatures(backbones.build_metric_network('clip_vit_b_32', paths['clip']).to(device))
@@ -438,7 +443,8 @@ def measure(batches, networks, metrics, total=None, rank=0, world=1, select=None
             positions.append((n + chosen) * world + rank)      # the image's place in the list all ranks share
             n += len(images)
             if progress and rank == 0:
-                print(f'\r{n}{"" if total is None else f"/{-(-total // world)}"} images (rank 0 of {world})', end='', flush=True)
+                share = '' if total is None else f'/{-(-total // world)}'
+                print(f'\r{n}{share} images (rank 0 of {world})', end='', flush=True)
     if progress and rank == 0:
         print()
     for s in stats.values():
@@ -446,7 +452,10 @@ def measure(batches, networks, metrics, total=None, rank=0, world=1, select=None
     positions = np.concatenate(positions) if positions else np.zeros(0, np.int64)
     for output, parts in rows.items():
         got = cli.gather_to_rank0([(positions, torch.cat(parts))] if parts else [])
-        rows[output] = None if got is None else torch.cat([y for _, y in got])[np.argsort(np.concatenate([p for p, _ in got]), kind='stable')]
+        if got is not None:                 # rank 0: every rank's rows, back in image order
+            rows[output] = torch.cat([y for _, y in got])[np.argsort(np.concatenate([p for p, _ in got]), kind='stable')]
+        else:
+            rows[output] = None
     return stats, rows
 
 
@@ -513,7 +522,7 @@ def check_training_metrics(metrics, ref, num):
     except argparse.ArgumentTypeError as e:
         return str(e)
     if 'fid' not in names or not set(names) <= set(TRAINING_METRICS):
-        return f'--metrics during training takes fid and optionally is, pr (the best snapshot is the lowest FID), got {metrics!r}'
+        return f'--metrics during training takes fid and optionally is, pr (the best snapshot: lowest FID), got {metrics!r}'
     if not ref:
         return '--metrics needs --ref, a reference npz (fid_min.py ref, or EDM\'s published statistics)'
     if not ref.startswith(('http://', 'https://')) and not os.path.isfile(ref):
@@ -533,7 +542,8 @@ class SnapshotMetrics:
         self.metrics, self.num, self.run_dir = parse_metrics(cfg.metrics), cfg.metric_images, run_dir
         self.ref = load_reference(cfg.ref, self.metrics)
         self.networks = load_networks(self.metrics, cfg.detector, device=device)
-        self.seeds, self.batch, self.device, self.rank, self.world = list(range(self.num))[rank::world], batch, device, rank, world
+        self.seeds, self.batch, self.device = list(range(self.num))[rank::world], batch, device
+        self.rank, self.world = rank, world
         self.best = None
         path = os.path.join(run_dir, 'metrics.jsonl')
         for line in open(path) if rank == 0 and os.path.isfile(path) else []:    # a resumed run: its record so far
@@ -546,7 +556,8 @@ class SnapshotMetrics:
         """Keep the lowest-FID line so far and name its snapshot in best-snapshot.json."""
         if line['fid'] is not None and (self.best is None or line['fid'] < self.best['fid']):
             self.best = {k: line[k] for k in ('snapshot', 'kimg', 'fid')}
-            cli.atomic_write(os.path.join(self.run_dir, 'best-snapshot.json'), lambda f: f.write(json.dumps(self.best).encode() + b'\n'))
+            text = json.dumps(self.best).encode() + b'\n'
+            cli.atomic_write(os.path.join(self.run_dir, 'best-snapshot.json'), lambda f: f.write(text))
 
     def __call__(self, net, kimg, snapshot):
         """Measure `net` (the EMA generator, on every rank), record it as snapshot `snapshot`; the line on rank 0."""
@@ -561,7 +572,8 @@ class SnapshotMetrics:
         with open(os.path.join(self.run_dir, 'metrics.jsonl'), 'a') as f:
             f.write(json.dumps(line) + '\n')
         self.note(line)
-        print(f'{snapshot}: {format_results(line)} ({self.num} images, {line["seconds"]:.0f}s); best so far {self.best["snapshot"]}', flush=True)
+        print(f'{snapshot}: {format_results(line)} ({self.num} images, {line["seconds"]:.0f}s); '
+              f'best so far {self.best["snapshot"] if self.best else "none"}', flush=True)
         return line
 
 #----------------------------------------------------------------------------
@@ -592,39 +604,45 @@ def bench(num=1000, metrics=tuple(METRICS), pr_num=0, detector=None, batch=64, r
         precision_recall(real, fake)
         result = dict(pr_num=pr_num, seconds=time.perf_counter() - t0, peak_gb=peak_gb(), peak_before_gb=before)
         print(f'P/R of {pr_num:,} x {pr_num:,} random 2048-d features on the CPU ({torch.get_num_threads()} threads): '
-              f'{result["seconds"]:.1f} s, peak resident memory {result["peak_gb"]:.2f} GB, {result["peak_gb"] - before:.2f} GB '
+              f'{result["seconds"]:.1f} s, peak resident memory {result["peak_gb"]:.2f} GB, '
+              f'{result["peak_gb"] - before:.2f} GB '
               f'above the process before it (which held the features)')
         print('BENCH ' + json.dumps(result))
         return result
-    outputs = {METRICS[m][0] for m in metrics}
-    networks = {o: _Timed(CLIPFeatures(backbones.build_metric_network('clip_vit_b_32')) if o == 'clip' else
-                          DINOv2Features(backbones.build_metric_network('dinov2_vitl14'))) for o in outputs & {'clip', 'dinov2'}}
-    if outputs & {'inception', 'inception_probs'}:
-        inception = load_detector(detector) if detector else None
-        networks.update(inception=_Timed(lambda x: detect(inception, x) if inception else torch.randn(len(x), 2048, dtype=torch.float64)),
-                        inception_probs=_Timed(lambda x: class_probabilities(inception, x) if inception else
-                                               torch.randn(len(x), 1008, dtype=torch.float64).softmax(dim=1)))
-    networks = {o: n for o, n in networks.items() if o in outputs}
+    outputs, networks = {METRICS[m][0] for m in metrics}, {}
+    if 'clip' in outputs:
+        networks['clip'] = _Timed(CLIPFeatures(backbones.build_metric_network('clip_vit_b_32')))
+    if 'dinov2' in outputs:
+        networks['dinov2'] = _Timed(DINOv2Features(backbones.build_metric_network('dinov2_vitl14')))
+    inception = load_detector(detector) if detector and outputs & {'inception', 'inception_probs'} else None
+    real = {'inception': lambda x: detect(inception, x), 'inception_probs': lambda x: class_probabilities(inception, x)}
+    stand_in = {'inception': lambda x: torch.randn(len(x), 2048, dtype=torch.float64),
+                'inception_probs': lambda x: torch.randn(len(x), 1008).softmax(dim=1)}
+    networks.update({o: _Timed((real if inception else stand_in)[o]) for o in sorted(outputs & set(real))})
     images = torch.randint(0, 256, (num, 3, resolution, resolution), generator=g, dtype=torch.uint8)
     t0 = time.perf_counter()
     stats, rows = measure((images[i:i + batch] for i in range(0, num, batch)), networks, metrics, num)
+    seconds = {o: n.seconds for o, n in networks.items() if o in NETWORK_OF or inception}
+    rest = {'statistics': time.perf_counter() - t0 - sum(n.seconds for n in networks.values())}
     ref = {k: v for m in metrics if METRICS[m][1] == 'stats'
            for k, v in zip(METRICS[m][2], stats[METRICS[m][0]].mu_sigma())}      # the set itself: sqrtm costs the same
     ref.update({'pr_features': torch.randn(num, 2048, generator=g)} if 'pr' in metrics else {})
-    compute_metrics(metrics, stats, rows, ref)
-    total = time.perf_counter() - t0
-    seconds = {o: n.seconds for o, n in networks.items()}
-    rest = total - sum(seconds[o] for o in seconds if o in NETWORK_OF or inception)
+    for m in metrics:
+        t1 = time.perf_counter()
+        compute_metrics([m], stats, rows, ref)
+        rest[m] = time.perf_counter() - t1
     print(f'bench: {", ".join(metrics)} of {num} random {resolution}x{resolution} images on the CPU '
           f'({torch.get_num_threads()} threads), batch {batch}, random-filled CLIP / DINOv2')
-    for o, s in seconds.items():
-        stand_in = o.startswith('inception') and not inception
-        print(f'  {o:16s} ' + ('not timed (no --detector file: random stand-in outputs)' if stand_in else f'{s:9.1f} s'))
-    print(f'  {"the rest":16s} {rest:9.1f} s   (statistics, Frechet distances, IS, P/R)')
-    print(f'  feature networks {total - rest:9.1f} s = {(total - rest) / total:.1%} of {total:.1f} s')
+    for o in networks:
+        print(f'  {o:16s} ' + (f'{seconds[o]:9.1f} s' if o in seconds else 'not timed (no --detector file: random stand-ins)'))
+    parts = ', '.join(f'{k} {v:.1f} s' for k, v in rest.items())
+    print(f'  {"the rest":16s} {sum(rest.values()):9.1f} s   ({parts})')
+    total = sum(seconds.values()) + sum(rest.values())
+    print(f'  feature networks {sum(seconds.values()):9.1f} s = {sum(seconds.values()) / total:.1%} of {total:.1f} s')
     result = dict(num=num, metrics=metrics, seconds=seconds, rest_seconds=rest, total_seconds=total)
     print('BENCH ' + json.dumps(result))
     return result
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -646,14 +664,15 @@ def main(argv=None):
     bench_p = sub.add_parser('bench', help='CPU time of the metrics, feature networks vs the rest (random-filled '
                              'networks, random images); or the peak memory of P/R')
     bench_p.add_argument('--num', type=int, default=1000, help='random 32x32 images (default: %(default)s)')
-    bench_p.add_argument('--pr-num', type=int, default=0, help='> 0: only P/R, on this many x this many random 2048-d features')
+    bench_p.add_argument('--pr-num', type=int, default=0, help='> 0: only P/R, of this many x this many random features')
     bench_p.add_argument('--detector', help='Inception detector file to time (default: none, random stand-in outputs)')
     for q, default in ((calc, 'fid'), (ref, 'fid'), (bench_p, 'all')):
-        q.add_argument('--metrics', type=parse_metrics, default=default, help=f'comma separated from {", ".join(METRICS)}, '
-                       'or all (default: %(default)s)')
+        q.add_argument('--metrics', type=parse_metrics, default=default,
+                       help=f'comma separated from {", ".join(METRICS)}, or all (default: %(default)s)')
         q.add_argument('--batch', type=int, default=64, help='images per batch and rank (default: %(default)s)')
     for q in (calc, ref):
-        q.add_argument('--detector', default=DETECTOR_URL, help='Inception-v3 TorchScript file or pickle, path or URL (default: %(default)s)')
+        q.add_argument('--detector', default=DETECTOR_URL,
+                       help='Inception-v3 TorchScript file or pickle, path or URL (default: %(default)s)')
         q.add_argument('--clip-weights', default=backbones.WEIGHT_URLS['clip_vit_b_32'],
                        help="CLIP ViT-B/32: OpenAI's ViT-B-32.pt or open_clip's safetensors, path or URL (default: %(default)s)")
         q.add_argument('--dinov2-weights', default=backbones.WEIGHT_URLS['dinov2_vitl14'],
@@ -668,17 +687,20 @@ def main(argv=None):
     try:
         sample_min.check_sampling_options(args.batch, getattr(args, 'steps', 18))   # bad options fail before any work
         if args.cmd == 'calc':
-            count, least = len(args.seeds) if args.net and args.seeds else args.num, 10 if 'is' in args.metrics else 4 if 'pr' in args.metrics else 2
-            if count < least:
-                raise ValueError(f'--num must be >= {least} (a covariance needs 2 images, P/R more than k = 3, IS 10 splits), got {count}')
+            count = len(args.seeds) if args.net and args.seeds else args.num
+            least = 10 if 'is' in args.metrics else 4 if 'pr' in args.metrics else 2
+            if count < least:       # a covariance needs 2 images, P/R more than k = 3, the Inception Score 10 splits
+                raise ValueError(f'--num must be >= {least} for --metrics {",".join(args.metrics)}, got {count}')
             if args.json:
                 cli.check_output(args.json, '--json')
             ref_arrays = load_reference(args.ref, args.metrics)       # fail on a bad reference before any work
         else:
             cli.check_output(args.dest, '--dest')
             args.metrics = [m for m in args.metrics if METRICS[m][2]]
-            if not args.metrics or args.pr_num < 4:
-                raise ValueError('--metrics is needs no reference' if not args.metrics else f'--pr-num must be >= 4, got {args.pr_num}')
+            if not args.metrics:
+                raise ValueError('--metrics is needs no reference (choose fid, pr, fd_clip or fd_dinov2)')
+            if args.pr_num < 4:
+                raise ValueError(f'--pr-num must be >= 4 (P/R needs more than k = 3 points), got {args.pr_num}')
         networks = load_networks(args.metrics, args.detector, args.clip_weights, args.dinov2_weights, device)
         if args.cmd == 'ref':
             return make_reference(args, networks, rank, world, device)

@@ -510,25 +510,25 @@ def test_training_records_metrics_and_the_best_snapshot(offline, tmp_path, capsy
     safe_files.save_torch({'format': 'gdd-min', 'ema': safe_files.net_to_dict(teacher)}, tmp_path / 'teacher.pt')
     run('ref', '--data', tmp_path / 'data.zip', '--dest', tmp_path / 'ref.npz', '--metrics', 'fid,pr', '--detector', d / 'inception.pt')
     common = ['toy', '--outdir', str(tmp_path / 'runs'), '--data', str(tmp_path / 'data.zip'), '--teacher', str(tmp_path / 'teacher.pt'),
-              '--batch', '4', '--tick', '0.004', '--snap', '2', '--state', '2', '--fd-images', '0', '--metrics', 'fid,is,pr',
-              '--ref', str(tmp_path / 'ref.npz'), '--metric-images', '12', '--detector', str(d / 'inception.pt')]
+              '--batch', '2', '--tick', '0.002', '--snap', '1', '--state', '1', '--fd-images', '0', '--metrics', 'fid,is,pr',
+              '--ref', str(tmp_path / 'ref.npz'), '--metric-images', '10', '--detector', str(d / 'inception.pt')]
     with pytest.raises(SystemExit, match='--ref .*nope.npz: no such file'):        # before anything is loaded
         train_min.parse_args(common + ['--ref', str(tmp_path / 'nope.npz')])
     with pytest.raises(SystemExit, match='takes fid and optionally is, pr'):
         train_min.parse_args(common + ['--metrics', 'is'])
-    train_min.main(common + ['--kimg', '0.016'])
+    train_min.main(common + ['--kimg', '0.004'])         # two iterations, a snapshot after each
     run_dir = tmp_path / 'runs' / '00000-toy'
     lines = [json.loads(x) for x in (run_dir / 'metrics.jsonl').read_text().splitlines()]
-    assert [x['kimg'] for x in lines] == [0.008, 0.016] and all(x['images'] == 12 for x in lines)
+    assert [x['kimg'] for x in lines] == [0.002, 0.004] and all(x['images'] == 10 for x in lines)
     assert all(np.isfinite([x['fid'], x['is_mean'], x['precision'], x['recall']]).all() for x in lines)
     best = json.loads((run_dir / 'best-snapshot.json').read_text())
     assert best == {k: min(lines, key=lambda x: x['fid'])[k] for k in ('snapshot', 'kimg', 'fid')}
     assert 'network-snapshot-000000.pt: FID ' in capsys.readouterr().out
-    # Resume from the first state (iteration 2): the record keeps its first line and the run measures the same
+    # Resume from the first state (iteration 1): the record keeps its first line and the run measures the same
     # images again, so the second line comes back equal (CPU training resumes bit for bit).
-    train_min.main(common + ['--kimg', '0.016', '--resume', str(run_dir / 'training-state-00000002.pt')])
+    train_min.main(common + ['--kimg', '0.004', '--resume', str(run_dir / 'training-state-00000001.pt')])
     again = [json.loads(x) for x in (run_dir / 'metrics.jsonl').read_text().splitlines()]
-    assert [x['kimg'] for x in again] == [0.008, 0.016]
+    assert [x['kimg'] for x in again] == [0.002, 0.004]
     for k in ('fid', 'is_mean', 'is_std', 'precision', 'recall'):
         assert again[0][k] == lines[0][k] and abs(again[1][k] - lines[1][k]) <= 1e-9 * max(1, abs(lines[1][k])), k
     assert json.loads((run_dir / 'best-snapshot.json').read_text()) == best

@@ -3,6 +3,7 @@ and their pipelines from uint8 images, the Inception Score, precision/recall and
 TorchScript tensor reader; `fid_min.py ref / calc --metrics all` offline with stand-in weight files; and the
 metrics of snapshots during training (train_min.py --metrics)."""
 
+import collections
 import hashlib
 import io
 import json
@@ -10,6 +11,7 @@ import os
 import pickle
 import socket
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -308,6 +310,38 @@ class Hostile:
         return os.system, ('touch pwned_by_torchscript',)
 
 
+def crafted_archive(path, views, numel=4):
+    """A TorchScript-style archive: data.pkl pickles a __torch__.M record whose attributes w0, w1, ... are tensors
+    viewing (size, stride, offset) of one storage of numel float32 values (data/0)."""
+    module, marker = types.ModuleType('__torch__'), object()
+
+    class M:
+        pass
+    M.__module__, M.__qualname__, module.M = '__torch__', 'M', M
+
+    class View:
+        def __init__(self, size, stride, offset=0):
+            self.args = (marker, offset, size, stride, False, collections.OrderedDict())
+
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, self.args
+
+    class Root:
+        def __reduce__(self):
+            return M, (), {'training': False, **{f'w{i}': View(*v) for i, v in enumerate(views)}}
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ('storage', torch.FloatStorage, '0', 'cpu', numel) if obj is marker else None
+    buffer = io.BytesIO()
+    sys.modules['__torch__'] = module
+    try:
+        Pickler(buffer, protocol=2).dump(Root())
+    finally:
+        del sys.modules['__torch__']
+    archive_with(path, buffer.getvalue(), [('a/data/0', torch.arange(numel, dtype=torch.float32).numpy().tobytes())])
+
+
 def archive_with(path, data_pkl, members=()):
     with zipfile.ZipFile(path, 'w') as z:
         z.writestr('a/data.pkl', data_pkl)
@@ -323,22 +357,27 @@ def test_torchscript_reader_refuses_bad_archives(tmp_path, monkeypatch):
         safe_files.read_torchscript_tensors('hostile.pt')
     with pytest.raises(ValueError, match='hostile.pt'):
         B.build_metric_network('clip_vit_b_32', 'hostile.pt')
-    assert not (tmp_path / 'pwned_by_torchscript').exists()
-    # A storage whose member is shorter than declared, and a view past its storage.
+    assert not (tmp_path / 'pwned_by_torchscript').exists()         # nothing in the archive ran
+    crafted_archive('ok.pt', [((2, 2), (1, 2))])            # a transposed view: copied out as it reads
+    assert torch.equal(safe_files.read_torchscript_tensors('ok.pt')['w0'], torch.tensor([[0., 2.], [1., 3.]]))
+    crafted_archive('ok.pt', [((2,), (2,), 1), ((2,), (1,))])
+    tensors = safe_files.read_torchscript_tensors('ok.pt')
+    assert list(tensors) == ['w0', 'w1'] and tensors['w0'].tolist() == [1, 3] and tensors['w1'].tolist() == [0, 1]
+    for views, problem in [([((100,), (1,))], 'reaches past its storage'), ([((2, 2), (0, 1))], 'overlaps itself'),
+                           ([((4,), (1,)), ((4,), (1,))], 'views share a storage')]:
+        crafted_archive('bad.pt', views)
+        with pytest.raises(ValueError, match=problem):
+            safe_files.read_torchscript_tensors('bad.pt')
+    # A storage member shorter than its record declares; a damaged zip.
     save_clip_archive('good.pt', tiny_metric_net('clip_vit_b_32'))
-    with zipfile.ZipFile('good.pt') as z:
-        members = [(i.filename, z.read(i)) for i in z.infolist()]
-    data_pkl = dict(members)['good/data.pkl']
-    short = [(n, d[:-4] if n == 'good/data/0' else d) for n, d in members]
-    with zipfile.ZipFile('short.pt', 'w') as z:
-        for n, d in short:
-            z.writestr(n, d)
+    with zipfile.ZipFile('good.pt') as z, zipfile.ZipFile('short.pt', 'w') as out:
+        for i in z.infolist():
+            out.writestr(i.filename, z.read(i)[:-4] if i.filename == 'good/data/0' else z.read(i))
     with pytest.raises(ValueError, match="storage '0' declares"):
         safe_files.read_torchscript_tensors('short.pt')
-    with pytest.raises(ValueError, match='not a zip archive|not a readable'):
-        (tmp_path / 'garbage.pt').write_bytes(b'PK\x03\x04' + b'\0' * 100)
+    (tmp_path / 'garbage.pt').write_bytes(b'PK\x03\x04' + b'\0' * 100)
+    with pytest.raises(ValueError, match='garbage.pt: not a readable TorchScript archive'):
         safe_files.read_torchscript_tensors('garbage.pt')
-    assert data_pkl.startswith(b'\x80')
 
 
 def test_metric_weights_are_checked(tmp_path):

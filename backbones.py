@@ -1,4 +1,4 @@
-"""Frozen feature networks of the projected discriminator, in plain PyTorch.
+"""Frozen feature networks in plain PyTorch: the projected discriminator's and the metrics'.
 
 Three ImageNet networks whose state_dict names and shapes equal the released weight files, so those files load
 as is: torchvision's vgg16_bn, timm's tf_efficientnet_lite0 and timm's deit_base_distilled_patch16_224 (the
@@ -7,9 +7,14 @@ the official pg_modules/projector.py taps them. And, for the offline toy demo, T
 teacher's own encoder. The cross-channel / cross-scale projections and the mini-discriminators built on top of
 these taps live in gdd.py.
 
+For the metrics of fid_min.py: CLIP ViT-B/32's image encoder (FD_CLIP) and DINOv2 ViT-L/14 (FD_DINOv2), with the
+names of OpenAI's and Meta's released files; they share the transformer block and attention with DeiT.
+
 Weights: build_backbone(name, weights=PATH_OR_URL) reads a torch.save'd state dict or a .safetensors file
-through safe_files.read_state_dict (no code from the file runs). weights=None gives the deterministic fill of
-tests/fixtures/backbones/README.md section 2, which is what --bench and the tests use.
+through safe_files.read_state_dict (no code from the file runs); build_metric_network(name, weights) likewise,
+and also OpenAI's TorchScript archive (its tensors only). weights=None gives the deterministic fill of
+tests/fixtures/backbones/README.md section 2 (tests/fixtures/metrics/README.md section 1), which is what --bench
+and the tests use.
 """
 
 import copy
@@ -35,6 +40,12 @@ WEIGHT_URLS = {
     'tf_efficientnet_lite0': 'https://github.com/rwightman/pytorch-image-models/releases/download/'
                              'v0.1-weights/tf_efficientnet_lite0-0aa007d2.pth',
     'deit_base_distilled_patch16_224': 'https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth',
+    # The metrics' feature networks (fid_min.py). OpenAI's file is a TorchScript archive, read without running it;
+    # open_clip's copy of the same weights, https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/
+    # open_clip_model.safetensors, has the same names and loads too.
+    'clip_vit_b_32': 'https://openaipublic.azureedge.net/clip/models/'
+                     '40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt',
+    'dinov2_vitl14': 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth',
 }
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -204,7 +215,19 @@ class TFEfficientNetLite0(FeatureNetwork):
         return self.classifier(x.mean((2, 3)))
 
 # ----------------------------------------------------------------------------------------------------------
-# DeiT-B distilled (timm layout): patch 16, width 768, 12 pre-norm blocks of 12 heads, tokens [cls, dist, 196].
+# Vision transformers (Dosovitskiy et al. 2021). One pre-norm block serves DeiT-B distilled (the discriminator's
+# features: patch 16, width 768, 12 blocks of 12 heads, tokens [cls, dist, 196]) and DINOv2 ViT-L/14 (FD_DINOv2,
+# with LayerScale); CLIP's image encoder (FD_CLIP) uses the same attention under OpenAI's names, with QuickGELU.
+
+def attention(qkv, heads):
+    """softmax(q k^T / sqrt(d)) v of every head, from the fused projection qkv (B, T, 3C) whose features are laid out
+    [q | k | v], each head-major (heads x d): (B, T, C), before the output projection. Written out rather than a
+    fused kernel: R1 needs its double backward."""
+    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    q, k, v = qkv.view(B, T, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)     # (B, nh, T, hs)
+    a = torch.softmax(q @ k.transpose(-2, -1) * (C // heads) ** -0.5, dim=-1)
+    return (a @ v).transpose(1, 2).reshape(B, T, C)
+
 
 class Attention(nn.Module):
     def __init__(self, dim=768, heads=12):
@@ -213,24 +236,33 @@ class Attention(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
-        B, T, C = x.shape
-        # qkv outputs are laid out [q | k | v], each head-major (heads x 64).
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
-        # Explicit softmax(q k^T / sqrt(64)) v rather than fused attention kernels: R1 needs double backward.
-        a = torch.softmax(q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5, dim=-1)
-        return self.proj((a @ v).transpose(1, 2).reshape(B, T, C))
+        return self.proj(attention(self.qkv(x), self.heads))
+
+
+class LayerScale(nn.Module):
+    """DINOv2's learned per-channel scale of each residual branch (LayerScale of CaiT, Touvron et al. 2021)."""
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
 
 
 class Block(nn.Module):
-    def __init__(self, dim=768, hidden=3072):
+    """Pre-norm transformer block (timm and DINOv2 names): x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))),
+    LayerNorm eps 1e-6, exact (erf) GELU. DeiT has no LayerScale (ls1, ls2 are identities), DINOv2 has."""
+    def __init__(self, dim=768, hidden=3072, heads=12, layer_scale=False):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim)
+        scale = (lambda: LayerScale(dim)) if layer_scale else nn.Identity
+        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads), scale()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, hidden), fc2=nn.Linear(hidden, dim)))
+        self.ls2 = scale()
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))   # exact (erf) GELU
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x)))))
 
 
 class DropTokens(nn.Module):
@@ -295,6 +327,89 @@ class DeiTBaseDistilled(FeatureNetwork):
         x = self.norm(self.blocks(self.embed(x)))
         return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2   # eval-mode distilled classifier
 
+
+class CLIPAttention(nn.Module):
+    """The parameters of torch.nn.MultiheadAttention, which OpenAI's CLIP uses: in_proj_weight rows [q | k | v]."""
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight, self.in_proj_bias = nn.Parameter(torch.empty(3 * dim, dim)), nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.out_proj(attention(F.linear(x, self.in_proj_weight, self.in_proj_bias), self.heads))
+
+
+class CLIPBlock(nn.Module):
+    """CLIP's ResidualAttentionBlock (openai/CLIP clip/model.py): Block under OpenAI's names, LayerNorm eps 1e-5 and
+    QuickGELU x * sigmoid(1.702 x), the activation the released weights were trained with (not erf GELU)."""
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.attn, self.ln_1 = CLIPAttention(dim, heads), nn.LayerNorm(dim)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(dim, 4 * dim), c_proj=nn.Linear(4 * dim, dim)))
+        self.ln_2 = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        h = self.mlp.c_fc(self.ln_2(x))
+        return x + self.mlp.c_proj(h * torch.sigmoid(1.702 * h))
+
+
+class CLIPImageEncoder(nn.Module):
+    """CLIP ViT-B/32's image encoder (Radford et al. 2021; VisionTransformer of openai/CLIP clip/model.py), with the
+    names of ViT-B-32.pt after 'visual.'. forward(x normalised, B x 3 x 224 x 224) -> the 512-d embedding after the
+    projection, not L2-normalised (clean-fid's CLIP-FID feature); project=False gives the 768-d ln_post output."""
+    def __init__(self, width=768, layers=12, patch=32, grid=7, out_dim=512):
+        super().__init__()
+        self.resolution = patch * grid
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
+        self.proj = nn.Parameter(torch.empty(width, out_dim))
+        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.Sequential(*[CLIPBlock(width, width // 64) for _ in range(layers)])
+        self.ln_post = nn.LayerNorm(width)
+
+    def forward(self, x, project=True):
+        x = self.conv1(x).flatten(2).transpose(1, 2)                    # (B, 49, 768), row-major over the 7x7 grid
+        x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1) + self.positional_embedding
+        x = self.ln_post(self.transformer.resblocks(self.ln_pre(x))[:, 0])
+        return x @ self.proj if project else x
+
+
+class DINOv2(nn.Module):
+    """DINOv2 ViT-L/14 (Oquab et al. 2024; facebookresearch/dinov2 dinov2/models/vision_transformer.py), with the
+    names of dinov2_vitl14_pretrain.pth. forward(x normalised, B x 3 x 224 x 224) -> the final-normed class token
+    (B, 1024), EDM2's FD_DINOv2 feature."""
+    def __init__(self, dim=1024, depth=24, patch=14, grid=37, hidden=4096):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.empty(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.empty(1, 1 + grid * grid, dim))    # the 37x37 grid of 518-pixel training
+        self.mask_token = nn.Parameter(torch.empty(1, dim))                      # in the file; used in training only
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
+        self.blocks = nn.Sequential(*[Block(dim, hidden, dim // 64, layer_scale=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def pos_embed_for(self, h, w):
+        """pos_embed for an h x w patch grid as DINOv2's interpolate_pos_encoding resamples it: token 0 kept, the
+        37x37 grid resized by bicubic interpolation (a = -0.75, no antialiasing) with the scale factor (h + 0.1) / 37,
+        not to a size, so at 224 pixels output i samples the source at (i + 0.5) * 37 / 16.1 - 0.5. DINOv2 does it
+        in float32; here in the model's dtype (float32 in use, float64 in the tests)."""
+        n = math.isqrt(self.pos_embed.shape[1] - 1)
+        if (h, w) == (n, n):
+            return self.pos_embed
+        grid = self.pos_embed[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode='bicubic', antialias=False)
+        return torch.cat([self.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x)                                    # (B, 1024, 16, 16)
+        pos = self.pos_embed_for(*x.shape[-2:])
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(2).transpose(1, 2)], dim=1) + pos
+        return self.norm(self.blocks(x))[:, 0]
+
 # ----------------------------------------------------------------------------------------------------------
 # Building and weight loading.
 
@@ -302,14 +417,15 @@ NETWORKS = dict(zip(BACKBONES, (VGG16BN, TFEfficientNetLite0, DeiTBaseDistilled)
 
 
 @torch.no_grad()
-def fill_deterministic_(net, keys=None):
-    """Deterministic fill of tests/fixtures/backbones/README.md section 2: each tensor from its own generator
-    seeded with crc32(key), so it depends only on the key and the shape. Keeps activations at a sane scale
+def fill_deterministic_(net, keys=None, prefix=''):
+    """Deterministic fill of tests/fixtures/backbones/README.md section 2 and tests/fixtures/metrics/README.md
+    section 1: each tensor from its own generator seeded with crc32(prefix + key), so it depends only on the key and
+    the shape (prefix: 'visual.' for CLIP, whose file names its encoder so). Keeps activations at a sane scale
     without any download (--bench, tests)."""
     for key, t in net.state_dict().items():
         if keys is not None and key not in keys:
             continue
-        g = torch.Generator().manual_seed(zlib.crc32(key.encode('utf-8')))
+        g = torch.Generator().manual_seed(zlib.crc32((prefix + key).encode('utf-8')))
         leaf, shape = key.rsplit('.', 1)[-1], t.shape
         if leaf == 'num_batches_tracked':
             v = torch.zeros(shape, dtype=torch.int64)
@@ -317,11 +433,13 @@ def fill_deterministic_(net, keys=None):
             v = torch.randn(shape, generator=g) * 0.1
         elif leaf == 'running_var':
             v = torch.rand(shape, generator=g) + 0.5
-        elif leaf in ('cls_token', 'dist_token', 'pos_embed'):
+        elif leaf in ('cls_token', 'dist_token', 'pos_embed', 'mask_token', 'class_embedding', 'positional_embedding'):
             v = torch.randn(shape, generator=g) * 1.0
+        elif leaf == 'gamma':
+            v = 0.5 + 0.1 * torch.randn(shape, generator=g)
         elif t.dim() == 1 and leaf == 'weight':
             v = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        elif t.dim() == 1 and leaf == 'bias':
+        elif t.dim() == 1 and leaf.endswith('bias'):
             v = 0.1 * torch.randn(shape, generator=g)
         elif t.dim() >= 2:
             v = torch.randn(shape, generator=g) * (1.0 / math.sqrt(t[0].numel()))
@@ -346,8 +464,14 @@ def init_random_layers_(net, seed=0):
         default_init_(m, g)
 
 
-def _resolve(name, source):
+WEIGHT_OPTIONS = {'clip_vit_b_32': 'fid_min.py: --clip-weights PATH', 'dinov2_vitl14': 'fid_min.py: --dinov2-weights PATH'}
+
+
+def resolve_weights(name, source):
+    """Local path of a weight file: `source` itself, or an http(s) URL downloaded once into the cache. A missing
+    file or a failed download is one line naming what to download and which option takes it."""
     hint = f'download {WEIGHT_URLS[name]} and pass its local path'
+    option = WEIGHT_OPTIONS.get(name, f'train_min.py: --backbone-weights {name}=PATH')
     if str(source).startswith(('http://', 'https://')):
         try:
             return safe_files.open_url(source)   # URL download + cache shared with load_network
@@ -355,10 +479,10 @@ def _resolve(name, source):
             msg = cli.error_line(e)
             if source not in msg:
                 msg = f'could not download {source} ({msg}); download it elsewhere and pass the local path'
-            raise OSError(f'{msg} (train_min.py: --backbone-weights {name}=PATH)') from None
+            raise OSError(f'{msg} ({option})') from None
     path = Path(source).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f'{name} weights not found at {path}; {hint}')
+        raise FileNotFoundError(f'{name} weights not found at {path}; {hint} ({option})')
     return path
 
 
@@ -367,7 +491,7 @@ def load_weights_(net, name, source):
     """Strict load of released weights into the pretrained part of `net` (safe_files.check_tensors). Tolerated:
     absent num_batches_tracked counters (older files; set to 0) and, when net has no classifier, the head keys
     (dropped on purpose). Anything else missing, unexpected or mis-shaped is an error."""
-    path = _resolve(name, source)
+    path = resolve_weights(name, source)
     sd = safe_files.read_state_dict(path)
     own = {k: v for k, v in net.state_dict().items() if net.is_pretrained_key(k)}
     sd = {k: v for k, v in sd.items() if k in own or not k.startswith(net.head_prefixes)}
@@ -392,6 +516,59 @@ def build_backbone(name, weights=None, seed=0, classifier=False):
         fill_deterministic_(net, keys={k for k in net.state_dict() if net.is_pretrained_key(k)})
     else:
         load_weights_(net, name, weights)
+    return net.requires_grad_(False).eval()
+
+
+METRIC_NETWORKS = {'clip_vit_b_32': CLIPImageEncoder, 'dinov2_vitl14': DINOv2}
+
+
+def metric_network_sizes(name, sd):
+    """Constructor arguments read off a state dict's shapes, as openai/CLIP's build_model does for CLIP: the released
+    files give the defaults of the classes (ViT-B/32, ViT-L/14), small stand-ins (the tests) smaller networks."""
+    blocks = lambda head, i: len({k.split('.')[i] for k in sd if k.startswith(head)})
+    try:
+        if name == 'clip_vit_b_32':
+            conv, pos = sd['conv1.weight'], sd['positional_embedding']
+            sizes = dict(width=conv.shape[0], layers=blocks('transformer.resblocks.', 2), patch=conv.shape[-1],
+                         grid=math.isqrt(pos.shape[0] - 1), out_dim=sd['proj'].shape[-1])
+        else:
+            conv, pos = sd['patch_embed.proj.weight'], sd['pos_embed']
+            sizes = dict(dim=conv.shape[0], depth=blocks('blocks.', 1), patch=conv.shape[-1],
+                         grid=math.isqrt(pos.shape[-2] - 1), hidden=sd['blocks.0.mlp.fc1.weight'].shape[0])
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f'not a {name} state dict (no {cli.error_line(e)})') from None
+    if not all(v >= 1 for v in sizes.values()) or sizes.get('width', sizes.get('dim')) % 64:
+        raise ValueError(f'not a {name} state dict (sizes {sizes}; the width must be a multiple of the 64-channel heads)')
+    return sizes
+
+
+def build_metric_network(name, weights=None):
+    """Frozen feature network of a metric in eval mode: 'clip_vit_b_32' (CLIPImageEncoder) or 'dinov2_vitl14' (DINOv2).
+    weights: None -> the released sizes with the deterministic fill (fill_deterministic_); a local path or http(s)
+    URL -> a released file, read by safe_files.read_state_dict (OpenAI's TorchScript ViT-B-32.pt, open_clip's
+    safetensors, DINOv2's .pth). CLIP takes the 'visual.*' tensors of the whole model. The sizes come from the
+    file's shapes and every tensor must then match by name and shape; float16 / bfloat16 values are cast to float32
+    (how clip.load runs on a CPU), so the network always computes in float32."""
+    if name not in METRIC_NETWORKS:
+        raise ValueError(f'unknown metric network {name!r}; choose from {", ".join(METRIC_NETWORKS)}')
+    prefix = 'visual.' if name == 'clip_vit_b_32' else ''
+    if weights is None:
+        with torch.device('meta'):
+            net = METRIC_NETWORKS[name]()
+        net = net.to_empty(device='cpu')
+        fill_deterministic_(net, prefix=prefix)
+        return net.requires_grad_(False).eval()
+    path = resolve_weights(name, weights)
+    sd = {k[len(prefix):]: v for k, v in safe_files.read_state_dict(path).items() if k.startswith(prefix)}
+    sd = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in sd.items()}
+    try:
+        with torch.device('meta'):
+            net = METRIC_NETWORKS[name](**metric_network_sizes(name, sd))
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from None
+    safe_files.check_tensors(sd, net.state_dict(), f'{path}: not a {name} state dict')
+    net = net.to_empty(device='cpu')
+    net.load_state_dict(sd)
     return net.requires_grad_(False).eval()
 
 # ----------------------------------------------------------------------------------------------------------

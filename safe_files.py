@@ -13,7 +13,8 @@ The rules (README, "Security and failure behaviour"):
   a pickle may not contain), which the command lines print as their one-line error.
 
 Entry points: load_network (EDM / D2O pickles and gdd-min checkpoints), load_torch_file, read_pickle,
-read_state_dict (backbone weights), torchscript_archive (detectors), NpzImages and read_npz_stats (npz files),
+read_state_dict (backbone and metric weights, read_torchscript_tensors for TorchScript archives),
+torchscript_archive (detectors), NpzImages, load_ref and load_ref_features (npz files),
 open_url (downloads), save_torch and net_to_dict (what we write and read back).
 """
 
@@ -447,23 +448,28 @@ class _EDMData:
         if type(requires_grad) is not bool or not (type(hooks) is dict and not hooks) or (len(args) == 7 and args[6] not in (None, {})):
             raise _BadFile('tensor record with hooks or metadata (not part of the EDM format)')
         _check_view(numel, offset, size, stride)
-        count = math.prod(size)
-        self.tensor_bytes += count * dtype.itemsize
+        self.tensor_bytes += math.prod(size) * dtype.itemsize
         if self.tensor_bytes > self.storage_bytes:
             raise _BadFile(f'tensors describe more data ({self.tensor_bytes} bytes so far) than the file holds '
                            f'({self.storage_bytes} bytes of storages): views share a storage')
-        # A fresh tensor, sharing nothing with the blob or other tensors. Contiguous views (all of EDM's) are one
-        # bytearray copy, which is also much faster than a multi-threaded copy_ on a busy machine.
-        if count and all(s == math.prod(size[i + 1:]) for i, (n, s) in enumerate(zip(size, stride)) if n > 1):
-            first = start + offset * dtype.itemsize
-            return torch.frombuffer(bytearray(memoryview(blob)[first:first + count * dtype.itemsize]), dtype=dtype).reshape(size)
-        out = torch.empty(size, dtype=dtype)
-        if count:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')  # frombuffer warns that bytes are read-only; they are only read
-                flat = torch.frombuffer(blob, dtype=dtype, count=numel, offset=start)
-            out.copy_(flat.as_strided(size, stride, offset))
-        return out
+        return _copy_view(blob, start, dtype, numel, offset, size, stride)
+
+
+def _copy_view(blob, start, dtype, numel, offset, size, stride):
+    """A fresh tensor (sharing nothing with the blob or other tensors) of a checked view (_check_view) of the storage
+    of numel x dtype at byte `start` of blob. Contiguous views (all of EDM's) are one bytearray copy, which is also
+    much faster than a multi-threaded copy_ on a busy machine."""
+    count = math.prod(size)
+    if count and all(s == math.prod(size[i + 1:]) for i, (n, s) in enumerate(zip(size, stride)) if n > 1):
+        first = start + offset * dtype.itemsize
+        return torch.frombuffer(bytearray(memoryview(blob)[first:first + count * dtype.itemsize]), dtype=dtype).reshape(size)
+    out = torch.empty(size, dtype=dtype)
+    if count:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # frombuffer warns that bytes are read-only; they are only read
+            flat = torch.frombuffer(blob, dtype=dtype, count=numel, offset=start)
+        out.copy_(flat.as_strided(size, stride, offset))
+    return out
 
 
 def read_pickle(path_or_file):
@@ -639,6 +645,38 @@ def _check_crcs(zf):
                 raise _BadFile(f'zip member {info.filename!r:.80} fails its CRC-32 check (the file is corrupted)') from None
 
 
+def _zip_records(f, size, what, deflated_limit=0):
+    """(zip, data.pkl read by the inert machine as records, {storage key: (dtype, numel, member)}) of a torch zip
+    archive (torch.save, torch.jit.save) whose directory passes _torch_zip and whose every storage member holds
+    exactly the bytes its record declares. Nothing is decompressed or allocated beyond what the file holds."""
+    zf, top = _torch_zip(f, size, deflated_limit)
+    pids, data = [], zf.read(f'{top}/data.pkl')
+    records = _Unpickler(io.BytesIO(data), len(data), None, None, pids, what).load()
+    storages = {}
+    for key, (dtype, numel) in _storages(pids).items():
+        info = zf.NameToInfo.get(f'{top}/data/{key}')
+        if info is None or info.file_size != numel * dtype.itemsize:
+            raise _BadFile(f'storage {key!r} declares {numel} x {dtype}, its record holds '
+                           f'{"nothing" if info is None else f"{info.file_size} bytes"}')
+        storages[key] = (dtype, numel, info)
+    return zf, records, storages
+
+
+@contextlib.contextmanager
+def _refusals(path, what):
+    """Any failure while `path` is read as `what` becomes one line: FileNotFoundError, UnsafePickleError, or
+    ValueError('<path>: not a readable <what> (<reason>)')."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise FileNotFoundError(f'no such file: {path}') from None
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f'{path}: {e}') from None
+    except Exception as e:
+        reason = str(e) if isinstance(e, _BadFile) else f'{type(e).__name__}: {error_line(e)}'
+        raise ValueError(f'{path}: not a readable {what} ({reason})') from None
+
+
 def load_torch_file(path):
     """Validated torch.load(path, map_location='cpu', weights_only=True) for any torch.save file that comes from
     outside (gdd-min checkpoints and training states, backbone weights): a hostile or broken file costs no more
@@ -652,29 +690,13 @@ def load_torch_file(path):
     Returns the loaded object. Raises FileNotFoundError, or ValueError('<path>: <problem>') (UnsafePickleError,
     a ValueError, when a global or opcode is refused)."""
     name = str(path)
-    try:
-        with open(path, 'rb') as f:
-            size = os.fstat(f.fileno()).st_size
-            if f.read(4) == b'PK\x03\x04':
-                zf, top = _torch_zip(f, size)
-                pids, data = [], zf.read(f'{top}/data.pkl')
-                _Unpickler(io.BytesIO(data), len(data), None, None, pids, 'a torch.save file').load()
-                for key, (dtype, numel) in _storages(pids).items():
-                    info = zf.NameToInfo.get(f'{top}/data/{key}')
-                    if info is None or info.file_size != numel * dtype.itemsize:
-                        raise _BadFile(f'storage {key!r} declares {numel} x {dtype}, its record holds '
-                                       f'{"nothing" if info is None else f"{info.file_size} bytes"}')
-                _check_crcs(zf)
-            else:
-                f.seek(0)
-                _legacy_layout(f, size)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'no such file: {path}') from None
-    except UnsafePickleError as e:
-        raise UnsafePickleError(f'{name}: {e}') from None
-    except Exception as e:
-        reason = str(e) if isinstance(e, _BadFile) else f'{type(e).__name__}: {error_line(e)}'
-        raise ValueError(f'{name}: not a readable torch.save file ({reason})') from None
+    with _refusals(path, 'torch.save file'), open(path, 'rb') as f:
+        size = os.fstat(f.fileno()).st_size
+        if f.read(4) == b'PK\x03\x04':
+            _check_crcs(_zip_records(f, size, 'a torch.save file')[0])
+        else:
+            f.seek(0)
+            _legacy_layout(f, size)
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -957,12 +979,14 @@ def read_safetensors(path):
 
 
 def read_state_dict(path):
-    """Flat name -> tensor dict from a .safetensors file or a torch.save'd state dict (load_torch_file). The
-    legacy DeiT release nests it under 'model'."""
+    """Flat name -> tensor dict from a .safetensors file, a TorchScript archive (read_torchscript_tensors) or a
+    torch.save'd state dict (load_torch_file). The legacy DeiT release nests it under 'model'."""
     with open(path, 'rb') as f:
         head = f.read(9)
     if str(path).endswith('.safetensors') or (len(head) == 9 and head[8:9] == b'{'):
         return read_safetensors(path)
+    if is_zip(path) and is_torchscript(path):
+        return read_torchscript_tensors(path)
     sd = load_torch_file(path)
     if isinstance(sd, dict) and isinstance(sd.get('model'), dict):
         sd = sd['model']
@@ -1006,6 +1030,61 @@ def torchscript_archive(path, name=None):
         archive.name = f'{name} (TorchScript archive inside)'
     check_torch_zip(archive, TORCHSCRIPT_MAX_CODE)
     return archive
+
+# --- TorchScript archives: their tensors, without running them -------------------------------------------------
+#
+# OpenAI's CLIP release (ViT-B-32.pt) is a TorchScript archive. torch.jit.load would compile and run its code; only
+# its weights are needed. The archive's data.pkl pickles the module tree as records of __torch__.* classes whose
+# BUILD state holds the attributes (submodules, tensors, plain values); a tensor is a _rebuild_tensor_v2 call on a
+# storage in data/KEY, as in torch.save archives.
+
+def read_torchscript_tensors(path):
+    """{attribute path: tensor} of every tensor attribute in a TorchScript archive's module tree, named as its
+    state_dict names them ('visual.conv1.weight'), without torch.jit.load: nothing in the archive is compiled or run.
+    Checked first: the zip directory (_torch_zip; code members may be deflated), data.pkl read by the inert machine
+    (objects only records of __torch__.* classes, tensors only _rebuild_tensor_v2 records), every storage member
+    holding exactly its declared bytes and its CRC-32; then every view inside its storage, and all tensors together
+    no more bytes than the storages. Raises ValueError('<path>: <problem>')."""
+    with _refusals(path, 'TorchScript archive'), open(path, 'rb') as f:
+        zf, root, storages = _zip_records(f, os.fstat(f.fileno()).st_size, 'a TorchScript archive', TORCHSCRIPT_MAX_CODE)
+        # zipfile checks each member's CRC-32 as it reads it
+        return _module_tensors(root, {key: (dtype, numel, zf.read(info)) for key, (dtype, numel, info) in storages.items()})
+
+
+def _module_tensors(root, storages):
+    """The tensors of read_torchscript_tensors, in the archive's order; each module record is visited once (a tree)."""
+    out, seen, total = {}, set(), [0, sum(numel * dtype.itemsize for dtype, numel, _ in storages.values())]
+
+    def tensor(rec, where):     # _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, hooks[, metadata])
+        args = rec.args
+        if not (len(args) in (6, 7) and type(args[0]) is _Call and args[0].func is _PERSISTENT_ID and rec.state is None
+                and type(args[4]) is bool and type(args[5]) is dict and not args[5] and args[6:] in ((), (None,), ({},))):
+            raise _BadFile(f'malformed tensor record {where}')
+        dtype, numel, blob = storages[args[0].args[0][2]]
+        _check_view(numel, args[1], args[2], args[3])
+        total[0] += math.prod(args[2]) * dtype.itemsize
+        if total[0] > total[1]:
+            raise _BadFile(f'tensors describe more data ({total[0]} bytes so far) than the archive holds '
+                           f'({total[1]} bytes of storages): views share a storage')
+        return _copy_view(blob, 0, dtype, numel, args[1], tuple(args[2]), tuple(args[3]))
+
+    def walk(obj, prefix, depth):
+        if not (type(obj) is _Call and obj.func.module.startswith('__torch__') and obj.args == () and type(obj.state) is dict):
+            raise _BadFile(f'{prefix[:-1] or "the root"} is {_describe(obj)}, not a TorchScript module record')
+        if id(obj) in seen or depth > MAX_NESTING:
+            raise _BadFile(f'module {prefix[:-1]} appears twice or deeper than {MAX_NESTING} levels')
+        seen.add(id(obj))
+        for key, value in obj.state.items():
+            if type(key) is not str or not key or '.' in key:
+                raise _BadFile(f'attribute {key!r:.40} of {prefix[:-1] or "the root"} is not a plain name')
+            if type(value) is _Call and value.key() == ('torch._utils', '_rebuild_tensor_v2'):
+                out[prefix + key] = tensor(value, prefix + key)
+            elif type(value) is _Call:
+                walk(value, prefix + key + '.', depth + 1)
+            # other attributes (training flags, numbers, lists) hold no weights
+
+    walk(root, '', 0)
+    return out
 
 # --- npz: images and reference statistics ----------------------------------------------------------------------
 
@@ -1053,24 +1132,44 @@ class NpzImages:
         return image.transpose(2, 0, 1)           # HWC -> CHW
 
 
-def load_ref(source):
-    """(mu, sigma) of an EDM reference npz, path or URL: float arrays mu [D], sigma [D, D] with D <= REF_MAX_DIM,
-    checked from their headers before anything is decompressed, and finite (FID of NaN statistics is no result)."""
+def load_ref(source, mu='mu', sigma='sigma'):
+    """(mu, sigma) of a reference npz, path or URL (EDM's: arrays mu and sigma; fid_min.py ref also writes other
+    metrics' statistics under other names): float arrays mu [D], sigma [D, D] with D <= REF_MAX_DIM, checked from
+    their headers before anything is decompressed, and finite (FID of NaN statistics is no result)."""
     if not str(source).split('?')[0].lower().endswith('.npz'):
         raise ValueError(f'{source}: reference statistics must be an .npz file (arrays mu and sigma, as EDM publishes)')
     path = open_url(source)
     with NpzFile(path) as f:
-        if 'mu' not in f.files or 'sigma' not in f.files:
-            raise ValueError(f'{source}: reference statistics need arrays mu and sigma; keys: {", ".join(f.files) or "none"}')
-        (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = (f.open(k)[1:3] for k in ('mu', 'sigma'))
+        if mu not in f.files or sigma not in f.files:
+            raise ValueError(f'{source}: reference statistics need arrays {mu} and {sigma}; keys: {", ".join(f.files) or "none"}')
+        (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = (f.open(k)[1:3] for k in (mu, sigma))
         d = mu_shape[0] if len(mu_shape) == 1 else -1
         if not 1 <= d <= REF_MAX_DIM or tuple(sigma_shape) != (d, d) or mu_dtype.kind != 'f' or sigma_dtype.kind != 'f':
-            raise ValueError(f'{source}: mu must be float [D] and sigma float [D, D] with D <= {REF_MAX_DIM}, '
+            raise ValueError(f'{source}: {mu} must be float [D] and {sigma} float [D, D] with D <= {REF_MAX_DIM}, '
                              f'got {mu_dtype} {list(mu_shape)} and {sigma_dtype} {list(sigma_shape)}')
-        mu, sigma = f.array('mu', 8 * d).astype(np.float64), f.array('sigma', 8 * d * d).astype(np.float64)
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f'{source}: mu or sigma contains NaN or inf')
-    return mu, sigma
+        m, s = f.array(mu, 8 * d).astype(np.float64), f.array(sigma, 8 * d * d).astype(np.float64)
+    if not (np.isfinite(m).all() and np.isfinite(s).all()):
+        raise ValueError(f'{source}: {mu} or {sigma} contains NaN or inf')
+    return m, s
+
+
+REF_FEATURES_MAX_BYTES = 8 * 2**30  # features of a reference npz (precision / recall: 50,000 x 2048 float32 = 0.4 GB)
+
+
+def load_ref_features(source, key):
+    """Features float32 [N, D] (N >= 2, D <= REF_MAX_DIM) stored under `key` in a reference npz, path or URL, checked
+    from the header before anything is decompressed (at most REF_FEATURES_MAX_BYTES), and finite."""
+    path = open_url(source)
+    with NpzFile(path) as f:
+        if key not in f.files:
+            raise ValueError(f'{source}: no array {key}; keys: {", ".join(f.files) or "none"}')
+        shape, dtype = f.open(key)[1:3]
+        if len(shape) != 2 or shape[0] < 2 or not 1 <= shape[1] <= REF_MAX_DIM or dtype.kind != 'f':
+            raise ValueError(f'{source}: {key} must be float [N, D] with N >= 2 and D <= {REF_MAX_DIM}, got {dtype} {list(shape)}')
+        features = f.array(key, REF_FEATURES_MAX_BYTES).astype(np.float32)
+    if not np.isfinite(features).all():
+        raise ValueError(f'{source}: {key} contains NaN or inf')
+    return features
 
 # --- Downloads ------------------------------------------------------------------------------------------------
 

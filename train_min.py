@@ -92,6 +92,11 @@ OPTIONS = dict(
     proj_seed=(0, "seed of D's frozen random projections (the same on every rank)"),
     fd_images=(0, '> 0: toy FID, class accuracy and 8x8 Frechet distance of this many images + compare.png at the end'),
     classifier=('', "detector of the toy FID and class accuracy, e.g. assets/toy-classifier.pt ('' = 8x8 distance only)"),
+    metrics=('', "at every snapshot, metrics of the EMA generator: 'fid' plus optionally 'is', 'pr' (fid_min.py), "
+                 "recorded in metrics.jsonl; best-snapshot.json names the lowest FID ('' = off)"),
+    ref=('', 'reference npz of --metrics (fid_min.py ref, or EDM\'s FID statistics), path or URL'),
+    metric_images=(50000, 'images of --metrics, the same seeds 0..N-1 at every snapshot'),
+    detector=(fid_min.DETECTOR_URL, 'Inception detector of --metrics, path or URL'),
     seed=(42, 'random seed (official train.sh); data order and latents derive from it, for any number of GPUs'),
     batch_gpu=(0, "images per D call and process (D's BatchNorm batch, quirk 6); smaller than batch / processes "
                   'accumulates gradients (0 = min(batch / processes, loss batch), the official per-GPU batch)'),
@@ -183,6 +188,9 @@ def check_options(cfg):
         need(device.type != 'cuda' or device.index is None or device.index < torch.cuda.device_count(),
              f'--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)')
     cfg.data = local(cfg.data) if cfg.data else ''
+    cfg.ref = local(cfg.ref) if cfg.ref else ''
+    problem = fid_min.check_training_metrics(cfg.metrics, cfg.ref, cfg.metric_images)   # the ref must exist now
+    need(not problem, problem)
     cfg.teacher = local(cfg.teacher)
     cfg.workers = min(cfg.workers, cli.cpu_count())     # more workers than cores only slow down (DataLoader warns)
 
@@ -342,6 +350,7 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
 
     if cfg.bench:
         return bench(cfg, iteration, G, device, world, num_chunks, batch_gpu)
+    evaluate = fid_min.SnapshotMetrics(cfg, run_dir, device, rank, world) if cfg.metrics else None
 
     data = batches(dataset, cfg.batch, batch_gpu, cfg.seed, cfg.workers, device, rank, world, start=seen)
     z_grid, c_grid = fixed_latents(G, device=device)
@@ -389,12 +398,17 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
                                  + ' (lower --lr/--dlr?)')
             if bad_losses > 0:
                 print(f'warning: non-finite losses in {bad_losses:.0%} of the iterations of tick {tick}')
+            snapshot = done or (cfg.snap and tick % cfg.snap == 0)
             if rank == 0:
-                if done or (cfg.snap and tick % cfg.snap == 0):
+                if snapshot:
                     with torch.no_grad():
                         images = cli.quantize(gdd.generate(G_ema, z_grid, c_grid))
-                    cli.save_grid(images, os.path.join(run_dir, f'samples-{ts.kimg_name(seen, cfg.tick)}.png'))
-                    save_snapshot(G_ema, cfg, os.path.join(run_dir, f'network-snapshot-{ts.kimg_name(seen, cfg.tick)}.pt'))
+                    name = ts.kimg_name(seen, cfg.tick)
+                    cli.save_grid(images, os.path.join(run_dir, f'samples-{name}.png'))
+                    save_snapshot(G_ema, cfg, os.path.join(run_dir, f'network-snapshot-{name}.pt'))
+            if evaluate and snapshot:       # every rank: each measures a share of the images
+                evaluate(G_ema, seen / 1000, f'network-snapshot-{ts.kimg_name(seen, cfg.tick)}.pt')
+            if rank == 0:
                 if done or (cfg.state and tick % cfg.state == 0):
                     last_state = ts.save_training_state(run_dir, step, tick, seen, cfg, G, G_ema, D, opt_G, opt_D, latent_gen, batch_gpu)
     print(f'Training done: {step} iterations, {seen / 1000:.{1 if cfg.tick >= 1 else 3}f} kimg in {time.time() - start:.0f}s')

@@ -349,7 +349,7 @@ def describe_changes(changed, keys):
 
 def resume_run_dir(path, state, cfg, batch_gpu):
     """Check the state belongs to this configuration (batch_gpu: this run's effective value); drop the
-    stats.jsonl lines written after it. Returns the run folder."""
+    stats.jsonl and metrics.jsonl lines written after it. Returns the run folder."""
     changed, refused = option_changes(state, cfg, batch_gpu)
     if refused:
         hint = '' if set(refused) & set(RESUME_FIXED) else f'; to continue anyway with the new values: --resume-override {",".join(refused)}'
@@ -360,8 +360,9 @@ def resume_run_dir(path, state, cfg, batch_gpu):
     if since != [0, 0]:
         cfg.batch_since = since     # saved with the config: where the current --batch began (the counter check)
     run_dir = os.path.dirname(os.path.abspath(path))
-    stats_path = os.path.join(run_dir, 'stats.jsonl')
-    if os.path.isfile(stats_path):
+    for stats_path in (os.path.join(run_dir, name) for name in ('stats.jsonl', 'metrics.jsonl')):
+        if not os.path.isfile(stats_path):
+            continue
         keep = []
         for line in open(stats_path):
             try:

@@ -103,11 +103,11 @@ def test_ref_stats_independent_of_batch_size_and_format(files):
 def test_calc_images_folder_npz_and_edm_subset(files):
     d, images = files
     run('ref', '--data', d / 'data', '--dest', d / 'ref.npz', '--detector', d / 'det.pt')
-    fid_folder = run('calc', '--images', d / 'data', '--num', 40, '--ref', d / 'ref.npz', '--detector', d / 'det.pt')
-    fid_npz = run('calc', '--images', d / 'images.npz', '--num', 40, '--ref', d / 'ref.npz', '--detector', d / 'det.pt', '--batch', 9)
+    fid_folder = run('calc', '--images', d / 'data', '--num', 40, '--ref', d / 'ref.npz', '--detector', d / 'det.pt')['fid']
+    fid_npz = run('calc', '--images', d / 'images.npz', '--num', 40, '--ref', d / 'ref.npz', '--detector', d / 'det.pt', '--batch', 9)['fid']
     assert abs(fid_folder) < 1e-6 and abs(fid_npz - fid_folder) < 1e-6
     # With more images than --num, EDM's rule: RandomState(0) shuffles the indices, the first num are kept.
-    fid_sub = run('calc', '--images', d / 'data', '--num', 25, '--ref', d / 'ref.npz', '--detector', d / 'det.pt')
+    fid_sub = run('calc', '--images', d / 'data', '--num', 25, '--ref', d / 'ref.npz', '--detector', d / 'det.pt')['fid']
     idx = np.arange(40)
     np.random.RandomState(0).shuffle(idx)
     feats = StandInDetector()(torch.from_numpy(images[np.sort(idx[:25])])).double().numpy()

@@ -118,8 +118,8 @@ def test_fid_of_net_in_memory_equals_fid_of_saved_pngs(nets, tmp_path):
     for net, steps in (('G.pt', '18'), ('teacher.pt', '2')):
         sample('--net', d / net, '--seeds', '100-111', '--steps', steps, '--batch', 5, '--outdir', tmp_path / net)
         args = ['--ref', str(tmp_path / 'ref.npz'), *map(str, det)]
-        fid_png = fid_min.main(['calc', '--images', str(tmp_path / net), '--num', '12', *args])
-        fid_mem = fid_min.main(['calc', '--net', str(d / net), '--seeds', '100-111', '--steps', steps, *args])
+        fid_png = fid_min.main(['calc', '--images', str(tmp_path / net), '--num', '12', *args])['fid']
+        fid_mem = fid_min.main(['calc', '--net', str(d / net), '--seeds', '100-111', '--steps', steps, *args])['fid']
         assert fid_png > 0 and fid_png == fid_mem
 
 

@@ -71,7 +71,7 @@ def test_fid_min_cli_with_toy_classifier(tmp_path, toy, capsys):
     np.savez(tmp_path / 'same.npz', images=ref_images.permute(0, 2, 3, 1).numpy())
     fid_min.main(['ref', '--data', str(tmp_path / 'ref.npz'), '--dest', str(tmp_path / 'stats.npz'), '--detector', ASSET])
     fid = fid_min.main(['calc', '--images', str(tmp_path / 'same.npz'), '--num', '1000', '--ref', str(tmp_path / 'stats.npz'),
-                        '--detector', ASSET])
+                        '--detector', ASSET])['fid']
     assert abs(fid) < 1e-6 and 'FID' in capsys.readouterr().out
 
 

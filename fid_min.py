@@ -41,6 +41,7 @@ import json
 import os
 import resource
 import time
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -113,7 +114,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         raise ValueError(f'statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}')
     m = np.square(mu1 - mu2).sum()
     # SciPy's matrix square root as EDM uses it; the product of two covariances can give a tiny imaginary part.
-    s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
+    # Covariances of fewer images than features are singular, and sqrtm then warns although its result is the
+    # one EDM's formula takes: the warning would read as an error to a newcomer.
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+        s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
     return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
 
 #----------------------------------------------------------------------------
@@ -361,7 +366,8 @@ def image_batches(source, num=None, batch=64, rank=0, world=1, device='cpu'):
     exactly num of them (edm_subset; an error when there are fewer)."""
     count, read = open_images(source)
     if num is not None and count < num:
-        raise ValueError(f'{source} has {count} images, expected at least {num}')
+        raise ValueError(f'{source} has {count} images, fewer than --num {num} (EDM\'s protocol measures 50,000); '
+                         f'--num {count} measures all of them')
     mine = edm_subset(count, num)[rank::world]
     for i in range(0, len(mine), batch):
         yield torch.from_numpy(np.stack([read(j) for j in mine[i:i + batch]])).to(device)

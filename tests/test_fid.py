@@ -151,7 +151,7 @@ def test_bad_inputs_give_one_line_errors(files, tmp_path):
     save_dataset(str(tmp_path / 'big'), np.zeros([1, 3, 32, 32], np.uint8))
     os.replace(tmp_path / 'big' / '00000' / 'img00000000.png', tmp_path / 'mixed' / '00000' / 'img00000003.png')
     assert 'expected [3, 16, 16]' in error_of('calc', '--images', tmp_path / 'mixed', '--num', 4, *ok)
-    assert 'has 40 images, expected at least 50' in error_of('calc', '--images', d / 'data', '--num', 50, *ok)
+    assert 'has 40 images, fewer than --num 50' in error_of('calc', '--images', d / 'data', '--num', 50, *ok)
     np.savez(tmp_path / 'nostats.npz', mean=np.zeros(8))
     assert 'mu and sigma' in error_of('calc', '--images', d / 'data', '--num', 10, '--ref', tmp_path / 'nostats.npz', '--detector', det)
     np.savez(tmp_path / 'wrongkey.npz', pictures=images)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -21,6 +22,7 @@ sys.path.insert(0, ROOT)
 import cli  # noqa: E402
 import dataset_min  # noqa: E402
 import edm_nets  # noqa: E402
+import fid_min  # noqa: E402
 import gdd  # noqa: E402
 import safe_files  # noqa: E402
 import sample_min  # noqa: E402
@@ -455,3 +457,17 @@ def test_progress_under_torchrun_says_whose_count(files, tmp_path, capsys):
 def test_failed_toy_start_leaves_no_folder(tmp_path):
     msg = one_line_error(toy.main, ['teacher', '--data', str(tmp_path / 'missing.zip'), '--outdir', str(tmp_path / 'runs')])
     assert 'missing.zip' in msg and runs_in(tmp_path / 'runs') == []
+
+
+def test_small_fid_is_quiet_and_a_short_image_set_names_num(tmp_path):
+    # FID of fewer images than features: singular covariances, no LinAlgWarning for a newcomer to read as an error.
+    rng = np.random.RandomState(0)
+    a, b = rng.randn(20, 64), rng.randn(20, 64) + 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        fid = fid_min.frechet_distance(*fid_min.feature_stats(a), *fid_min.feature_stats(b))
+    assert np.isfinite(fid) and fid > 0
+    # Fewer images than --num (the protocol's 50,000 by default): the error says which option to change.
+    np.savez(tmp_path / 'few.npz', images=rng.randint(0, 256, [3, 8, 8, 3]).astype(np.uint8))
+    with pytest.raises(ValueError, match=r'has 3 images, fewer than --num 50000 .*--num 3 measures all of them'):
+        next(fid_min.image_batches(str(tmp_path / 'few.npz'), 50000))

@@ -48,6 +48,9 @@ RESUME_MUST_MATCH = ('preset', 'arch', 'cres', 'freeze', 'features', 'dwidth', '
                      'batch', 'loss_batch', 'lr', 'dlr', 'r1_gamma', 'ema', 'batch_gpu', 'xflip', 'data', 'teacher',
                      'backbone_weights', 'fp16')
 RESUME_FIXED = ('preset', 'arch', 'cres', 'freeze', 'features', 'dwidth')
+# The speed options of bench_min.py change the arithmetic too; states written before they existed ran without them.
+RESUME_ABSENT = {'tf32': False, 'channels_last': False, 'bf16_features': False}
+RESUME_MUST_MATCH += tuple(RESUME_ABSENT)
 # cli.atomic_write's .NAME.tmpPID (and NAME.tmpPID, NAME.tmpPID.png of older versions)
 TEMP_RE = re.compile(r'\.tmp\d*(\.png)?$')
 LOCK_NAME = '.lock'
@@ -293,7 +296,7 @@ def resume_run_dir(path, state, cfg, batch_gpu):
     stats.jsonl lines written after it. Returns the run folder."""
     saved = state['config']
     now = {k: getattr(cfg, k) for k in RESUME_MUST_MATCH if hasattr(cfg, k)}
-    old = {k: saved.get(k) for k in now}
+    old = {k: saved.get(k, RESUME_ABSENT.get(k)) for k in now}
     if 'batch_gpu' in state:    # states of older versions hold only the option, 0 when derived
         now['batch_gpu'], old['batch_gpu'] = batch_gpu, state['batch_gpu']
     changed = [k for k in now if old[k] != now[k]]

@@ -3,6 +3,7 @@ numerics (--tf32, --channels-last, --bf16-features): applied, recorded for resum
 training iteration from the default. `python tests/test_bench.py` prints those distances for the cifar10 and
 imagenet64 discriminators (README: On a GPU)."""
 
+import contextlib
 import json
 import os
 import sys
@@ -153,35 +154,41 @@ OPTIONS = {'tf32': ['--tf32', '1'], 'channels_last': ['--channels-last', '1'], '
 BOUNDS = {'tf32': 0.4, 'channels_last': 0.03, 'bf16_features': 0.6}
 
 
-def distance(option, preset='cifar10', features='vgg16_bn', batch=1):
-    """differences() of one iteration with `option` from the default one (same weights and data)."""
-    results = []
-    for options in ([], OPTIONS[option]):
-        cfg, nets, chunks = gdd_iteration.build(preset, ['--features', features, *options], batch=batch)
-        try:
-            if option == 'tf32' and options:
-                with TF32():
-                    results.append(gdd_iteration.run(cfg, nets, chunks))
-            else:
-                results.append(gdd_iteration.run(cfg, nets, chunks))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    return gdd_iteration.differences(results[1], results[0])
+def one_iteration(options, preset='cifar10', features='vgg16_bn', batch=1, threads=None):
+    """gdd_iteration.run() of one iteration with the train_min flags `options` ('--tf32 1' emulated on the CPU)."""
+    cfg, nets, chunks = gdd_iteration.build(preset, ['--features', features, *options], batch=batch)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or before)
+        with TF32() if cfg.tf32 else contextlib.nullcontext():
+            return gdd_iteration.run(cfg, nets, chunks)
+    finally:
+        torch.set_num_threads(before)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.fixture(scope='module')
+def default_iteration():
+    return one_iteration([])
 
 
 @pytest.mark.parametrize('option', list(OPTIONS))
-def test_speed_option_moves_one_iteration_a_bounded_distance(option, capsys):
+def test_speed_option_moves_one_iteration_a_bounded_distance(option, default_iteration, capsys):
     # One G step, D step and R1 step with VGG16-BN, the CIFAR-10 discriminator's main feature network, at batch 1:
     # the relative L2 distance of each step's gradient from the default's, and of the losses and logits.
-    d = distance(option)
+    d = gdd_iteration.differences(one_iteration(OPTIONS[option]), default_iteration)
     with capsys.disabled():
         print(f'\n{option}: ' + ', '.join(f'{k} {v:.2e}' for k, v in d.items()))
     assert d['G step'] <= BOUNDS[option] and d['D step'] <= BOUNDS[option] and d['R1 step'] <= BOUNDS[option]
     assert d['stats'] <= BOUNDS[option] / 10
 
 
-if __name__ == '__main__':      # the README table: both discriminators of the paper, batch 2
-    for preset, features in (('cifar10', 'vgg16_bn,tf_efficientnet_lite0'), ('imagenet64', 'deit_base_distilled_patch16_224,tf_efficientnet_lite0')):
-        for option in OPTIONS:
-            d = distance(option, preset, features, batch=2)
-            print(f'{preset} ({features}) {option}: ' + ', '.join(f'{k} {v:.2e}' for k, v in d.items()), flush=True)
+if __name__ == '__main__':      # the README table: both discriminators of the paper at batch 2
+    for preset, features in (('cifar10', 'vgg16_bn,tf_efficientnet_lite0'),
+                             ('imagenet64', 'deit_base_distilled_patch16_224,tf_efficientnet_lite0')):
+        default = one_iteration([], preset, features, batch=2)
+        rows = {'1 thread instead of 2': one_iteration([], preset, features, batch=2, threads=1)}
+        rows.update({option: one_iteration(flags, preset, features, batch=2) for option, flags in OPTIONS.items()})
+        for name, result in rows.items():
+            d = gdd_iteration.differences(result, default)
+            print(f'{preset} ({features}) {name}: ' + ', '.join(f'{k} {v:.2e}' for k, v in d.items()), flush=True)

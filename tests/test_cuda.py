@@ -115,12 +115,14 @@ def iteration(preset, options=(), device=DEVICE):
 def test_iteration_on_cuda_equals_cpu(preset):
     # The generator in fp32 on both (--fp16 0), TF32 off: only the kernels differ. An iteration with random-filled
     # feature networks is sensitive to the order of fp32 sums: on the CPU, 1 thread instead of 2 moves its G-step
-    # gradient by 0.4% (test_bench.py). Allowed: 10% for each step's gradient and the EMA change, 0.1% for the
-    # losses and mean logits (the forward pass is not sensitive).
+    # gradient by 0.4% (test_bench.py), and cuDNN may pick Winograd or FFT convolutions, which round more. Allowed:
+    # 25% for each step's gradient (a missing or misplaced term moves it by about 100%), 0.1% for the losses and
+    # mean logits (the forward pass is not sensitive). Not compared: the EMA's change, which after Adam's first
+    # step is (1 - beta) lr sign(gradient) and flips with the sign of every near-zero gradient (the EMA test below).
     cpu, gpu = iteration(preset, ['--fp16', '0'], 'cpu'), iteration(preset, ['--fp16', '0'])
     d = gdd_iteration.differences(gpu, cpu)
     print(preset, d)
-    assert max(d['G step'], d['D step'], d['R1 step'], d['ema']) <= 0.10 and d['stats'] <= 1e-3
+    assert max(d['G step'], d['D step'], d['R1 step']) <= 0.25 and d['stats'] <= 1e-3
     # The presets' bf16 U-Net on CUDA against fp32 on the CPU: a bf16-sized difference, nothing broken.
     d = gdd_iteration.differences(iteration(preset, ['--fp16', '1']), cpu)
     print(preset, 'bf16 U-Net', d)

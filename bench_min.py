@@ -60,7 +60,9 @@ def apply_speed_options(cfg, G, D):
             D.features[name] = BF16Features(net)
     on = [k for k in ('tf32', 'channels_last', 'bf16_features') if getattr(cfg, k)]
     if on:
-        print(f'Speed options {", ".join(on)}: not the official numerics (README: On a GPU)')
+        cpu = cfg.tf32 and next(G.parameters()).device.type != 'cuda'
+        print(f'Speed options {", ".join(on)}: not the official numerics (README: On a GPU)'
+              + ('; tf32 does nothing on a CPU' if cpu else ''))
 
 
 def peak_memory_gb(device):
@@ -227,7 +229,8 @@ def bench(cfg, iteration, reduce, G, D, opt_G, opt_D, device, world, num_chunks,
     mem = torch.tensor([peak_memory_gb(device)], device=device)
     if world > 1:
         torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
-    options = [k for k in ('fp16', 'tf32', 'channels_last', 'bf16_features') if getattr(cfg, k)]
+    options = [k for k in ('fp16', 'tf32', 'channels_last', 'bf16_features')     # those in effect (fp16, tf32: CUDA)
+               if getattr(cfg, k) and (device.type == 'cuda' or k not in ('fp16', 'tf32'))]
     result = dict(preset=cfg.preset, freeze=cfg.freeze, features=cfg.features, batch=cfg.batch, batch_gpu=batch_gpu,
                   processes=world, device=str(device), options=options, iterations=cfg.bench,
                   images_per_s=cfg.bench * cfg.batch / dt, sec_per_iteration=dt / cfg.bench, peak_mem_gb=mem.item(),

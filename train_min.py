@@ -318,7 +318,7 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
     per_rank, num_chunks = cfg.batch // world, cfg.batch // (world * batch_gpu)
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     shape = [cfg.batch, G.img_channels, G.img_resolution, G.img_resolution]
-    reduce = sum_grads_over_ranks if torch.distributed.is_initialized() else None
+    reduce = sum_grads_over_ranks if torch.distributed.is_initialized() else None    # any process group, even of one
     print(f'Batch {cfg.batch} = {world} processes x {num_chunks} chunks x {batch_gpu} images, losses reduced over '
           f'{cfg.loss_batch} images; device {device}' + (', generator U-Net in bfloat16' if cfg.fp16 and device.type == 'cuda' else ''))
 

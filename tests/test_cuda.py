@@ -115,9 +115,9 @@ def iteration(preset, options=(), device=DEVICE):
 
 @pytest.mark.parametrize('preset', GEOMETRIES)
 def test_iteration_on_cuda_equals_cpu(preset):
-    # The generator in fp32 on both (--fp16 0), TF32 off: only the kernels differ. An iteration with random-filled
-    # feature networks is sensitive to the order of fp32 sums: on the CPU, 1 thread instead of 2 moves its G-step
-    # gradient by 0.4% (test_bench.py), and cuDNN may pick Winograd or FFT convolutions, which round more. Allowed:
+    # The generator in fp32 on both (--fp16 0), TF32 off: only the kernels differ. The gradients of an iteration
+    # with random-filled feature networks are sensitive to them: on the CPU, channels_last kernels move them by up
+    # to 1.2% (README: On a GPU), and cuDNN may pick Winograd or FFT convolutions, which round more. Allowed:
     # 25% for each step's gradient (a missing or misplaced term moves it by about 100%), 0.1% for the losses and
     # mean logits (the forward pass is not sensitive). Not compared: the EMA's change, which after Adam's first
     # step is (1 - beta) lr sign(gradient) and flips with the sign of every near-zero gradient (the EMA test below).
@@ -135,10 +135,13 @@ def test_iteration_on_cuda_equals_cpu(preset):
 @pytest.mark.parametrize('preset', ['cifar10', 'imagenet64'])
 def test_speed_options_on_cuda_stay_within_the_cpu_bounds(preset, option):
     # Real TF32 tensor cores and bf16 kernels, against the same iteration without the option (bf16 U-Net in both,
-    # as the presets run): within the bound that the CPU test holds each option to (test_bench.py).
+    # as the presets run): within the bound that the CPU test holds each option to (test_bench.py), or the 25%
+    # that a change of CUDA kernels alone is allowed (above), whichever is larger; the losses and logits within a
+    # tenth of it.
     d = gdd_iteration.differences(iteration(preset, OPTIONS[option]), iteration(preset))
     print(preset, option, d)
-    assert max(d['G step'], d['D step'], d['R1 step']) <= BOUNDS[option] and d['stats'] <= BOUNDS[option] / 10
+    bound = max(BOUNDS[option], 0.25)
+    assert max(d['G step'], d['D step'], d['R1 step']) <= bound and d['stats'] <= max(BOUNDS[option] / 10, 1e-3)
 
 
 def test_ema_on_cuda_equals_cpu():

@@ -253,7 +253,8 @@ def test_torchrun_one_process_with_nccl(tmp_path):
     compare_runs(a, b, _load(tmp_path / 'teacher.pt')['ema']['state_dict'], exact=True)
 
 
-@pytest.mark.skipif(DEVICE.type == 'cuda' and torch.cuda.device_count() < 2, reason='needs 2 GPUs (one NCCL rank each)')
+@pytest.mark.skipif(DEVICE.type == 'cuda' and torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason='needs 2 GPUs (one NCCL rank each)')
 def test_torchrun_two_processes_equal_one_with_accumulation(tmp_path):
     args = [*_setup(tmp_path), '--kimg', '0.068', '--tick', '0.068', '--batch-gpu', '2', '--device', DEVICE.type]
     run_cli('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train_min.py', *args,

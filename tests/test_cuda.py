@@ -135,13 +135,14 @@ def test_iteration_on_cuda_equals_cpu(preset):
 @pytest.mark.parametrize('preset', ['cifar10', 'imagenet64'])
 def test_speed_options_on_cuda_stay_within_the_cpu_bounds(preset, option):
     # Real TF32 tensor cores and bf16 kernels, against the same iteration without the option (bf16 U-Net in both,
-    # as the presets run): within the bound that the CPU test holds each option to (test_bench.py), or the 25%
-    # that a change of CUDA kernels alone is allowed (above), whichever is larger; the losses and logits within a
-    # tenth of it.
+    # as the presets run). Allowed: the bound the CPU test holds each option to (test_bench.py), or the 25% that a
+    # change of CUDA kernels alone is allowed (above) if larger; the losses and logits a tenth of it. channels_last
+    # also changes the generator's bf16 kernels, and a bf16 network moves with its kernels as much as against fp32
+    # (on the CPU's oneDNN: 28% for the G step's gradient, 0.7% for the logits): the bf16 U-Net's bounds above.
     d = gdd_iteration.differences(iteration(preset, OPTIONS[option]), iteration(preset))
     print(preset, option, d)
-    bound = max(BOUNDS[option], 0.25)
-    assert max(d['G step'], d['D step'], d['R1 step']) <= bound and d['stats'] <= max(BOUNDS[option] / 10, 1e-3)
+    bound, stats = (0.6, 0.05) if option == 'channels_last' else (max(BOUNDS[option], 0.25), max(BOUNDS[option] / 10, 1e-3))
+    assert max(d['G step'], d['D step'], d['R1 step']) <= bound and d['stats'] <= stats
 
 
 def test_ema_on_cuda_equals_cpu():

@@ -4,7 +4,7 @@
     python train_min.py cifar10 --data cifar10-32x32.zip          # GDD-I; add --freeze 0 for GDD
     python train_min.py PRESET --help                # every value of the preset, each overridable
     torchrun --nproc_per_node=8 train_min.py cifar10 --data cifar10-32x32.zip --resume auto   # 8 GPUs, resumable
-    python train_min.py cifar10 --bench 20 --batch-gpu 64                   # speed + memory, no data or download
+    python train_min.py cifar10 --bench 20 --batch-gpu 64     # speed, memory, where the time goes (bench_min.py)
 
 Outputs go to --outdir/NNNNN-PRESET/: log.txt, network-snapshot-KKKKKK.pt (EMA generator, gdd-min checkpoint
 format), samples-KKKKKK.png (fixed seeds), stats.jsonl (one line per tick), training-state-IIIIIIII.pt and its
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import backbones
+import bench_min
 import cli
 import dataset_min
 import edm_nets
@@ -85,6 +86,9 @@ OPTIONS = dict(
     features=(CIFAR_D, "D's feature networks: 'teacher' or ImageNet backbone names, comma separated"),
     loss_batch=(64, 'reduction batch: losses are sums over this many images (gdd.py section 4)'),
     fp16=(True, 'generator U-Net in bfloat16 on CUDA'),
+    tf32=(False, 'speed, not the official numerics: TF32 for fp32 convolutions and matmuls on CUDA (bench_min.py)'),
+    channels_last=(False, 'speed, not the official numerics: G and D weights in channels_last memory format'),
+    bf16_features=(False, "speed, not the official numerics: D's frozen feature networks under bf16 autocast"),
     data=('', "dataset zip/folder in EDM's format (dataset_min.py makes it); required, but the toy preset draws its own"),
     xflip=(False, 'add x-flipped copies of the data'),
     dwidth=(1.0, 'discriminator width multiplier (CCM channels 64*dwidth, mini-D channels)'),
@@ -103,7 +107,7 @@ OPTIONS = dict(
     state=(10, 'ticks between training-state files (0 = at the end only); the last 3 are kept'),
     resume=('', "continue from a training state: file, run folder, or 'auto' (the newest run in --outdir with these options, else a new run)"),
     resume_override=('', 'comma-separated options that may differ from the resumed state (e.g. r1_gamma,lr); logged'),
-    bench=(0, '> 0: time this many iterations on random data with a random-weight teacher, print images/s and peak memory'),
+    bench=(0, '> 0: time this many iterations on random data with a random-weight teacher; images/s, memory, phases (bench_min.py)'),
     tick=(25, 'kimg between progress lines'),
     snap=(10, 'ticks between snapshots (0 = at the end only)'),
     workers=(4, 'data-loading processes (at most the CPU cores)'),
@@ -291,6 +295,7 @@ def build_training(cfg, device, rank, world):
                                 cout=max(int(64 * cfg.dwidth), 8), proj_seed=cfg.proj_seed, backbone_weights=weights,
                                 teacher_sigma=cfg.teacher_sigma).to(device).train()
     print(f'Discriminator: feature networks {cfg.features}, {sum(p.numel() for p in D.heads.parameters()):,} trainable parameters')
+    bench_min.apply_speed_options(cfg, G, D)
     opt_G, opt_D = gdd.make_optimizers(G_params, D, cfg.lr, cfg.dlr)
     return teacher if cfg.fd_images else None, dataset, G, G_ema, D, opt_G, opt_D
 
@@ -334,22 +339,22 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
     per_rank, num_chunks = cfg.batch // world, cfg.batch // (world * batch_gpu)
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     shape = [cfg.batch, G.img_channels, G.img_resolution, G.img_resolution]
-    reduce = sum_grads_over_ranks if world > 1 else None
+    reduce = sum_grads_over_ranks if torch.distributed.is_initialized() else None    # any process group, even of one
     print(f'Batch {cfg.batch} = {world} processes x {num_chunks} chunks x {batch_gpu} images, losses reduced over '
           f'{cfg.loss_batch} images; device {device}' + (', generator U-Net in bfloat16' if cfg.fp16 and device.type == 'cuda' else
                                                           f', {torch.get_num_threads()} threads per process' if device.type == 'cpu' else ''))
 
-    def iteration(chunks, step, seen):
+    def iteration(chunks, step, seen, reduce_grads=reduce):
         z_G = torch.randn(shape, generator=latent_gen, device=device)[rows].split(batch_gpu)
         z_D = torch.randn(shape, generator=latent_gen, device=device)[rows].split(batch_gpu)
         chunks = [(x, c, zg, zd) for (x, c), zg, zd in zip(chunks, z_G, z_D)]
         stats = gdd.train_step(G, D, opt_G, opt_D, chunks, step, cfg.r1_gamma, loss_scale=cfg.loss_batch / cfg.batch,
-                               r1_scale=1 / cfg.batch, reduce_grads=reduce)
+                               r1_scale=1 / cfg.batch, reduce_grads=reduce_grads)
         gdd.update_ema(G_ema, G, gdd.ema_beta(cfg.batch, seen, cfg.ema))
         return stats
 
     if cfg.bench:
-        return bench(cfg, iteration, G, device, world, num_chunks, batch_gpu)
+        return bench_min.bench(cfg, iteration, reduce, G, D, opt_G, opt_D, device, world, num_chunks, batch_gpu)
     evaluate = fid_min.SnapshotMetrics(cfg, run_dir, device, rank, world) if cfg.metrics else None
 
     data = batches(dataset, cfg.batch, batch_gpu, cfg.seed, cfg.workers, device, rank, world, start=seen)
@@ -371,7 +376,7 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
             values = torch.stack([sums[k] / counts[k] if k in sums else torch.tensor(float('nan'), device=device) for k in keys])
             # Fraction of this tick's iterations with non-finite losses; 1 if any parameter is NaN/inf.
             values = torch.cat([values, torch.stack([sums['nonfinite'] / counts['nonfinite'], nonfinite_parameters(G, G_ema, D.heads)])])
-            mem = torch.tensor([peak_memory_gb(device)], device=device)
+            mem = torch.tensor([bench_min.peak_memory_gb(device)], device=device)
             if world > 1:
                 torch.distributed.all_reduce(values)
                 torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
@@ -426,41 +431,6 @@ def save_snapshot(net, cfg, path):
 def nonfinite_parameters(*modules):
     """1.0 when any parameter of the modules holds NaN or inf, else 0.0 (a tensor: no host synchronisation)."""
     return torch.stack([~torch.isfinite(p).all() for m in modules for p in m.parameters()]).any().float()
-
-
-def peak_memory_gb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource     # CPU: peak resident memory of the process (kB on Linux)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def bench(cfg, iteration, G, device, world, num_chunks, batch_gpu):
-    """cfg.bench iterations on one fixed random batch; the first is a warm-up unless it is the only one."""
-    g = torch.Generator(device).manual_seed(cfg.seed)
-    R, L = G.img_resolution, G.label_dim
-    chunks = [(torch.rand([batch_gpu, G.img_channels, R, R], generator=g, device=device) * 2 - 1,
-               torch.eye(L, device=device)[torch.randint(L, [batch_gpu], generator=g, device=device)] if L else
-               torch.zeros([batch_gpu, 0], device=device)) for _ in range(num_chunks)]
-    sync = lambda: torch.cuda.synchronize(device) if device.type == 'cuda' else None
-    for step in range(cfg.bench):
-        if step == min(1, cfg.bench - 1):
-            sync()
-            t0, timed = time.time(), cfg.bench - step
-        iteration(chunks, step + 1, step * cfg.batch)      # iteration indices 1.. (R1 at 16, 32, ...)
-    sync()
-    dt = time.time() - t0
-    mem = torch.tensor([peak_memory_gb(device)], device=device)
-    if world > 1:
-        torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
-    result = dict(preset=cfg.preset, freeze=cfg.freeze, features=cfg.features, batch=cfg.batch, batch_gpu=batch_gpu,
-                  processes=world, device=str(device), iterations=timed, images_per_s=timed * cfg.batch / dt,
-                  sec_per_iteration=dt / timed, peak_mem_gb=mem.item())
-    print(f'bench {cfg.preset} freeze={cfg.freeze} features={cfg.features} batch {cfg.batch} ({world} x {num_chunks} x '
-          f'{batch_gpu}) on {device}: {result["images_per_s"]:.2f} images/s, {result["sec_per_iteration"]:.3f} s/iteration, '
-          f'peak memory {result["peak_mem_gb"]:.2f} GB ({timed} timed iterations)', flush=True)
-    print('BENCH ' + json.dumps(result))
-    return result
 
 #----------------------------------------------------------------------------
 

@@ -47,12 +47,15 @@ STATE_KEEP = 3
 STATE_KEYS = ('format', 'step', 'tick', 'seen', 'config', 'G', 'G_ema', 'D', 'opt_G', 'opt_D', 'latent_gen')
 # Every option that changes what a run computes. Resume refuses a change unless --resume-override names it (then
 # the log says so); those in RESUME_FIXED shape the networks and cannot be overridden. Not here: kimg (only the
-# end point) and tick, snap, state, outdir, export, workers, device, fd_images, bench (when and where results are
-# written, how the data is loaded). batch_gpu is compared as the effective value (0 = derived from the batch).
+# end point) and tick, snap, state, outdir, export, workers, device, fd_images, classifier, metrics, ref,
+# metric_images, detector, bench (when and where results are written and measured, how the data is loaded). batch_gpu is compared as the effective value (0 = derived from the batch).
 RESUME_MUST_MATCH = ('preset', 'arch', 'cres', 'freeze', 'features', 'dwidth', 'proj_seed', 'teacher_sigma', 'seed',
                      'batch', 'loss_batch', 'lr', 'dlr', 'r1_gamma', 'ema', 'batch_gpu', 'xflip', 'data', 'teacher',
                      'backbone_weights', 'fp16')
 RESUME_FIXED = ('preset', 'arch', 'cres', 'freeze', 'features', 'dwidth')
+# The speed options of bench_min.py change the arithmetic too; states written before they existed ran without them.
+RESUME_ABSENT = {'tf32': False, 'channels_last': False, 'bf16_features': False}
+RESUME_MUST_MATCH += tuple(RESUME_ABSENT)
 # cli.atomic_write's .NAME.tmpPID (and NAME.tmpPID, NAME.tmpPID.png of older versions)
 TEMP_RE = re.compile(r'\.tmp\d*(\.png)?$')
 LOCK_NAME = '.lock'
@@ -335,7 +338,7 @@ def option_changes(state, cfg, batch_gpu):
     differ (batch_gpu: this run's effective value), and the list of those that --resume-override does not name."""
     saved = state['config']
     now = {k: getattr(cfg, k) for k in RESUME_MUST_MATCH if hasattr(cfg, k)}
-    old = {k: saved.get(k) for k in now}
+    old = {k: saved.get(k, RESUME_ABSENT.get(k)) for k in now}
     if 'batch_gpu' in state:    # states of older versions hold only the option, 0 when derived
         now['batch_gpu'], old['batch_gpu'] = batch_gpu, state['batch_gpu']
     changed = {k: (old[k], now[k]) for k in now if old[k] != now[k]}

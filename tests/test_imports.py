@@ -1,12 +1,13 @@
 """The project's files import one way, base to top (README: Reading the code):
-    cli, edm_nets <- dataset_min, safe_files <- backbones <- gdd <- sample_min, training_state <- fid_min <- toy <- train_min
+    cli, edm_nets <- dataset_min, safe_files <- backbones <- gdd <- bench_min, sample_min, training_state <- fid_min <- toy
+    <- train_min
 Checked on the source with ast, so nothing is imported or run."""
 
 import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEVEL = {'cli': 0, 'edm_nets': 0, 'dataset_min': 1, 'safe_files': 1, 'backbones': 2, 'gdd': 3, 'sample_min': 4,
+LEVEL = {'cli': 0, 'edm_nets': 0, 'dataset_min': 1, 'safe_files': 1, 'backbones': 2, 'gdd': 3, 'bench_min': 4, 'sample_min': 4,
          'training_state': 4, 'fid_min': 5, 'toy': 6, 'train_min': 7}
 
 

@@ -103,11 +103,11 @@ def test_speed_options_resume_exactly_and_refuse_a_change(tmp_path):
     (run_b / (os.path.basename(states[1]) + '.sha256')).write_bytes(open(states[1] + '.sha256', 'rb').read())
     train_min.main([*args, '--outdir', str(tmp_path / 'b'), '--resume', str(run_b)])
     _compare(_load(states[0]), _load(training_state.training_states(str(run_b))[0]), exact=True)
-    assert sample_min.load_generator(str(run_a / 'network-snapshot-000000.pt')).img_resolution == 16
+    assert sample_min.load_generator(str(run_a / 'network-snapshot-000000.008.pt')).img_resolution == 16
     for flag, old in (('--bf16-features', True), ('--channels-last', True), ('--tf32', False)):
         new = {True: '0', False: '1'}[old]
         with pytest.raises(SystemExit, match=f'{flag[2:].replace("-", "_")}={old} \\(now {not old}\\)'):
-            train_min.main([*args, flag, new, '--outdir', str(tmp_path / 'a'), '--resume', 'auto', '--kimg', '0.012'])
+            train_min.main([*args, flag, new, '--outdir', str(tmp_path / 'a'), '--resume', str(run_a), '--kimg', '0.012'])
 
 
 def test_states_written_before_the_speed_options_resume_without_them(tmp_path):

@@ -15,7 +15,7 @@ counted).
 
 Speed options, all off by default (the presets reproduce the official numerics, README "On a GPU"):
   --tf32           TF32 tensor cores for fp32 convolutions and matrix products on CUDA (the official code keeps
-                   TF32 off, train.py:198). With --fp16 (every paper preset) the U-Net's convolutions are bf16
+                   TF32 off, as EDM's training/training_loop.py). With --fp16 (every paper preset) the U-Net's convolutions are bf16
                    already, so this is the discriminator: feature networks, projections, heads, R1.
   --channels-last  generator and discriminator weights in channels_last memory format (NHWC convolutions).
   --bf16-features  the frozen feature networks under bf16 autocast, their taps cast back to fp32: projections,

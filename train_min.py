@@ -321,7 +321,7 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
     batch_gpu = effective_batch_gpu(cfg, world)
     if batch_gpu < 1 or cfg.batch % (world * batch_gpu):
         raise SystemExit(f'error: --batch {cfg.batch} is not a multiple of {world} processes x --batch-gpu {batch_gpu}')
-    torch.backends.cudnn.benchmark = True       # the official numerics (train.py:198): TF32 off, no fp16 reductions
+    torch.backends.cudnn.benchmark = True       # the official numerics (quirk 11): TF32 off, no fp16 reductions
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     teacher, dataset, G, G_ema, D, opt_G, opt_D = build_training(cfg, device, rank, world)

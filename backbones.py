@@ -52,9 +52,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def preprocess(x, mean, std, size=224):
-    """Recipe E.3: [-1,1] -> [0,1] -> (x - mean) / std per channel -> bilinear resize to 224 (after the
-    normalisation, align_corners=False, no antialiasing). The official code resizes only inputs below 224
-    (and always for DeiT); every preset's data is 32 or 64 px, so here every input is brought to 224."""
+    """Each feature network's input, as the official projected discriminator prepares it (its forward in
+    pg_modules/discriminator.py, after Projected GAN): [-1,1] -> [0,1] -> (x - mean) / std per channel -> bilinear
+    resize to 224 (after the normalisation, align_corners=False, no antialiasing). The official code resizes only
+    inputs below 224 (and always for DeiT); every preset's data is 32 or 64 px, so every input is brought to 224."""
     mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     x = ((x + 1) / 2 - mean) / std
@@ -121,7 +122,7 @@ class VGG16BN(FeatureNetwork):
         return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 # ----------------------------------------------------------------------------------------------------------
-# EfficientNet-lite0, TensorFlow port (timm layout). Recipe E.2: TF "SAME" padding, BatchNorm eps 1e-3, ReLU6,
+# EfficientNet-lite0, TensorFlow port (timm layout; the weights were trained in TensorFlow): TF "SAME" padding, BatchNorm eps 1e-3, ReLU6,
 # no squeeze-excitation.
 
 class Conv2dSame(nn.Conv2d):

@@ -112,8 +112,8 @@ class Conv2d(torch.nn.Module):
 
 
 class GroupNorm(torch.nn.Module):
-    """GroupNorm with min(num_groups, C // min_channels_per_group) groups. Recipe A.4: normalised in fp32 and
-    cast back (EDM normalises in the input dtype; identical in fp32)."""
+    """GroupNorm with min(num_groups, C // min_channels_per_group) groups, normalised in fp32 and cast back, as
+    the official code runs it in bf16 (README quirk 11; EDM normalises in the input dtype; identical in fp32)."""
     def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
         super().__init__()
         self.num_groups = min(num_groups, num_channels // min_channels_per_group)

@@ -150,7 +150,7 @@ def test_forward_preprocessing_and_shapes(name):
         expected = facts(name)['tapped_feature_extractor']['output_shapes_for_input_1x3x224x224']
         assert [list(m.shape) for m in maps] == [[2] + s[1:] for s in expected]
         assert [m.shape[1] for m in maps] == net.channels
-        # Recipe E.3 written out: (x+1)/2, per-backbone mean/std, then bilinear resize to 224.
+        # The official preprocessing written out: (x+1)/2, per-backbone mean/std, then bilinear resize to 224.
         mean, std = torch.tensor(net.mean).view(1, 3, 1, 1), torch.tensor(net.std).view(1, 3, 1, 1)
         z = torch.nn.functional.interpolate(((x + 1) / 2 - mean) / std, size=224, mode='bilinear', align_corners=False)
         for a, b in zip(maps, net.taps(z)):
@@ -164,7 +164,7 @@ def test_frozen_always_eval_and_double_backward():
     for name, net in parent.items():
         assert not net.training and not any(m.training for m in net.modules())
         assert not any(p.requires_grad for p in net.parameters())
-        # R1 (recipe B.4) needs d/dx of the taps and a second backward through that gradient.
+        # R1 (StyleGAN2's R1 penalty, on the sum of the logits) needs d/dx of the taps and a second backward through that gradient.
         x = (torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1).requires_grad_()
         (g,) = torch.autograd.grad(sum(m.square().mean() for m in net(x)), x, create_graph=True)
         (g2,) = torch.autograd.grad(g.square().sum(), x)
@@ -178,7 +178,7 @@ def test_deit_post_layers_seeded_locally():
     a, c = (B.build_backbone(name, seed=s) for s in (0, 1))
     assert torch.equal(torch.get_rng_state(), state)   # global RNG untouched
     post = [k for k in a.state_dict() if not a.is_pretrained_key(k)]
-    assert len(post) == 14 and sum(a.state_dict()[k].numel() for k in post) == 6_711_744   # recipe E.4
+    assert len(post) == 14 and sum(a.state_dict()[k].numel() for k in post) == 6_711_744   # the official projector's frozen post-processing
     assert not any(torch.equal(a.state_dict()[k], c.state_dict()[k]) for k in post)
     assert all(torch.equal(a.state_dict()[k], c.state_dict()[k]) for k in a.state_dict() if a.is_pretrained_key(k))
     B.init_random_layers_(c, seed=0)                  # same seed -> bit-identical layers (every rank agrees)

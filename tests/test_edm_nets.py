@@ -317,7 +317,7 @@ def test_edm_sampler_matches_edm():
     assert (images - r['images']).abs().max().item() <= 1e-5   # float32 network: CPU kernels differ across torch releases
 
 # ----------------------------------------------------------------------------------------------------------------
-# Mixed precision (recipe A.4): exercised on CPU by adding 'cpu' to the reduced-precision device types.
+# Mixed precision (README quirk 11): exercised on CPU by adding 'cpu' to the reduced-precision device types.
 
 @pytest.mark.parametrize('name', ['tiny_songunet_ncsnpp_cond_aug.pt', 'seeded_tiny_dhariwal_attn_cond.pt'])
 def test_bf16_path(name, monkeypatch):

@@ -16,7 +16,7 @@ from edm_pickle import dump_edm_pickle
 import safe_files
 import sample_min
 
-# EDM train.py kwargs of the official teachers (recipe A.1 table; edm fixtures' param_shapes.json).
+# EDM train.py kwargs of the official teachers (the edm fixtures' param_shapes.json).
 NCSNPP = dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
               channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, augment_dim=9, dropout=0.13)
 ADM = dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.1, use_fp16=True)
@@ -36,7 +36,7 @@ def tiny_teacher(label_dim=10, seed=0, **kw):
 # 1. Generator.
 
 def test_preconditioning_numbers_at_sigma_max():
-    # Recipe A.2: c_skip = 3.90629e-5, c_out = 0.4999777 at sigma = 80 (EDM: 3.90610e-5, 0.4999902).
+    # GDDPrecond at the one-step noise level: c_skip = 3.90629e-5, c_out = 0.4999777 at sigma = 80 (EDM: 3.90610e-5, 0.4999902).
     sd, eps, s = 0.5, 0.002, 80.0
     assert math.isclose(sd ** 2 / ((s - eps) ** 2 + sd ** 2), 3.90629e-5, rel_tol=1e-5)
     assert math.isclose((s - eps) * sd / math.sqrt(s ** 2 + sd ** 2), 0.4999777, rel_tol=1e-6)
@@ -72,7 +72,7 @@ def test_generator_refuses_non_edm_teacher():
         gdd.generator_from_teacher(vp)
 
 #----------------------------------------------------------------------------
-# 2. Freezing (recipe D.3 counts, measured on the official networks).
+# 2. Freezing (counts measured on the official networks).
 
 @pytest.mark.parametrize('name, kwargs, total, frozen', [
     ('cifar10 uncond NCSN++', dict(NCSNPP, img_resolution=32, channel_mult=[2, 2, 2], label_dim=0), 56_395_523, {1: 47_597_568, 2: 48_781_824, 3: 51_015_168}),
@@ -96,7 +96,7 @@ def test_freezing_counts_of_the_paper(name, kwargs, total, frozen, capsys):
         trainable = {n for n, p in G.named_parameters() if p.requires_grad}
         for n in ['model.map_layer0.weight', 'model.enc.32x32_conv.weight', 'model.enc.16x16_aux_residual.weight',
                   'model.dec.32x32_aux_conv.weight', 'model.enc.16x16_block0.affine.weight', 'model.enc.16x16_block0.qkv.weight']:
-            assert n in trainable                                       # recipe D.4
+            assert n in trainable                                       # the optimizer's rule (README quirk 1)
         for n in ['model.enc.16x16_down.conv0.weight', 'model.dec.8x8_in0.proj.weight', 'model.enc.32x32_block1.conv1.bias']:
             assert n not in trainable and n in names
     else:
@@ -125,7 +125,7 @@ def test_discriminator_shapes_and_frozen_parts():
     assert all(not p.requires_grad for p in [*D.features.parameters(), *D.projections.parameters()])
     assert not D.features.training and not D.projections.training and D.heads.training
     assert {id(p) for g in opt_D.param_groups for p in g['params']} == {id(p) for p in D.heads.parameters()}
-    # Adam settings of recipe C.1.
+    # Adam settings of the official code; D's lr and beta2 corrected for R1 every 16 steps (StyleGAN2's lazy R1).
     assert opt_G.param_groups[0]['betas'] == (0.0, 0.99)
     assert math.isclose(opt_D.param_groups[0]['lr'], 1e-3 * 16 / 17)
     assert math.isclose(opt_D.param_groups[0]['betas'][1], 0.9905855, rel_tol=1e-6)
@@ -140,12 +140,12 @@ def test_random_projections_depend_only_on_the_seed():
 
 
 def test_imagenet_geometry_parameter_counts():
-    # Recipe E.7: unconditional mini-discriminators of 2,829,120 / 2,763,392 / 2,631,936 / 2,106,880 parameters.
+    # Unconditional mini-discriminators of 2,829,120 / 2,763,392 / 2,631,936 / 2,106,880 parameters.
     for (c, r), n in zip([(64, 128), (64, 64), (128, 32), (256, 16)], [2_829_120, 2_763_392, 2_631_936, 2_106_880]):
         md = gdd.MiniDiscriminator(c, r)
         assert sum(p.numel() for p in md.parameters()) == n
     x = torch.randn(2, 64, 112, 112)
-    assert gdd.MiniDiscriminator(64, 128)(x, None).shape == (2, 16)              # 4x4 logits (quirk I.4)
+    assert gdd.MiniDiscriminator(64, 128)(x, None).shape == (2, 16)              # 4x4 logits (README quirk 4)
 
 
 def test_loss_signs_reductions_and_gradient_directions():
@@ -231,10 +231,10 @@ def test_sanitize_grads():
 # 5. EMA.
 
 def test_ema_beta_follows_the_ramp():
-    # Recipe C.3 at batch 256: beta_k = 0.5^(20/k) while the 5% ramp is below the half-life.
+    # EMA at batch 256: beta_k = 0.5^(20/k) while the 5% ramp is below the half-life.
     for k, expected in [(0, 0.0), (20, 0.5), (100, 0.871), (1000, 0.9862), (19531, 0.99929)]:
         assert math.isclose(gdd.ema_beta(256, 256 * k, 0.5), expected, abs_tol=5e-4)
-    assert gdd.ema_beta(256, 256 * 19531, 0.5) == gdd.ema_beta(256, 256 * 19531, 50)   # quirk I.7
+    assert gdd.ema_beta(256, 256 * 19531, 0.5) == gdd.ema_beta(256, 256 * 19531, 50)   # README quirk 7
     assert math.isclose(gdd.ema_beta(100, 10**7, 0.001), 0.5 ** (100 / 1000))         # capped by H = ema * 1e6
 
 
@@ -278,7 +278,7 @@ def test_load_generator_all_formats(tmp_path):
                     tmp_path / 'd2o.pkl', class_name='D2OPrecond')
     loaded = sample_min.load_generator(str(tmp_path / 'd2o.pkl'))
     assert isinstance(loaded, gdd.GDDPrecond) and loaded.eps == 0.002
-    assert not loaded.use_fp16                                       # sampled in fp32 (recipe A.4 / F.2)
+    assert not loaded.use_fp16                                       # sampled in fp32 (as the official code samples: force_fp32)
     with torch.no_grad():
         torch.testing.assert_close(gdd.generate(loaded, z, c), expected)
 
@@ -289,7 +289,7 @@ def test_load_generator_all_formats(tmp_path):
         torch.testing.assert_close(loaded(80 * z, torch.full([2], 80.0), c), teacher(80 * z, torch.full([2], 80.0), c))
 
 #----------------------------------------------------------------------------
-# Spectral norm of the mini-discriminators: the legacy torch.nn.utils.spectral_norm semantics (issue 12).
+# Spectral norm of the mini-discriminators: the legacy torch.nn.utils.spectral_norm semantics.
 
 def _legacy_pair(seed, c_in=6, c_out=5, stride=2, padding=1, bias=True):
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""Hostile and broken files (issue 9): every one is refused in one line naming the file and the problem, runs
+"""Hostile and broken files: every one is refused in one line naming the file and the problem, runs
 nothing, changes nothing in the process, and costs bounded time and memory. Each test crafts its own (KB-sized)
 file. Classes: 1 tampering through the unpickler, 2 unbounded walks and sizes, 3 memory bombs, 4 wrong values,
 5 checkpoint structure, 6 one-line errors of the command lines."""

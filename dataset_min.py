@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import tarfile
 import time
 import warnings
@@ -129,12 +130,13 @@ class ImageDataset:
 
         # Labels: integer classes (one-hot when read, label_dim = max class + 1) or equal-length float vectors.
         self._classes, self._vectors, self.label_dim = None, None, 0
-        pairs = self._read_labels() if use_labels else None
+        pairs = self._read_labels()     # read even when unused: it tells whether the copy is complete
         if pairs is not None:
             table = {name.replace('\\', '/'): value for name, value in pairs}
             missing = sorted(set(table) - set(names))
-            if missing:     # an incomplete copy: training would silently use only the images that are there
+            if missing:     # an incomplete copy: training or a reference would silently use what is there
                 raise ValueError(f'dataset.json lists {len(missing)} file(s) that {self.path} does not hold, e.g. {missing[0]}')
+        if pairs is not None and use_labels:
             try:
                 values = [table[n] for n in self._names]
             except KeyError as e:
@@ -231,10 +233,11 @@ def save_dataset(path, images, labels=None):
             for n, x in zip(names, images):
                 z.writestr(n, png(x))
             z.writestr('dataset.json', json.dumps(meta))
-    tmp = f'{path}.tmp{os.getpid()}'
     if str(path).endswith('.zip'):
         cli.atomic_write(path, write_zip)
-    else:
+        return
+    tmp = f'{path}.tmp{os.getpid()}'      # a folder: written beside, renamed when complete
+    try:
         for n, x in zip(names, images):
             os.makedirs(os.path.join(tmp, os.path.dirname(n)), exist_ok=True)
             with open(os.path.join(tmp, n), 'wb') as f:
@@ -242,6 +245,8 @@ def save_dataset(path, images, labels=None):
         with open(os.path.join(tmp, 'dataset.json'), 'w') as f:
             json.dump(meta, f)
         os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 #----------------------------------------------------------------------------
 # The order in which training reads a dataset: the concatenation of per-epoch random permutations (epoch e seeded

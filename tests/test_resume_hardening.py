@@ -1,4 +1,4 @@
-"""Hardening of training states, resume and the command lines (issue 9, classes 5 and 6): checksummed states with
+"""Hardening of training states, resume and the command lines: checksummed states with
 fallback, refused trajectory changes and --resume-override, the run-folder lock, leftover temporary files,
 malformed states, the NaN stop, a full disk, up-front option checks, and one `error:` line per CLI failure."""
 
@@ -80,10 +80,10 @@ def test_flipped_byte_is_detected_and_the_previous_state_used(run, tmp_path, cap
     assert 'SHA-256 differs' in one_line_error(training_state.find_training_state, str(newest), str(tmp_path), 'toy')
     # Without its sidecar (an older version's state) the zip CRC-32 still catches it; an intact one is used.
     os.remove(str(newest) + '.sha256')
-    assert 'CRC-32 mismatch' in one_line_error(training_state.find_training_state, str(newest), str(tmp_path), 'toy')
+    assert 'fails its CRC-32 check' in one_line_error(training_state.find_training_state, str(newest), str(tmp_path), 'toy')
     os.remove(run_b / 'training-state-00000001.pt.sha256')
     training_state.find_training_state(str(run_b / 'training-state-00000001.pt'), str(tmp_path), 'toy')
-    assert 'its zip CRC-32s check out' in capsys.readouterr().out
+    assert 'the CRC-32 of each zip member checked out' in capsys.readouterr().out
     # --resume auto falls back to the intact state and recomputes the damaged one bit for bit.
     train_min.main([*args, '--outdir', str(tmp_path / 'b'), '--kimg', '0.008', '--resume', 'auto'])
     assert 'resuming from ' + str(run_b / 'training-state-00000001.pt') in (run_b / 'log.txt').read_text()

@@ -1002,10 +1002,10 @@ TORCHSCRIPT_MAX_CODE = 64 * 2**20  # bytes of (deflated) TorchScript code a dete
 def is_torchscript(path):
     """Both torch.jit.save and torch.save write zip archives; only TorchScript's holds constants.pkl (and code/)."""
     try:
-        with zipfile.ZipFile(path) as z:
+        with open(path, 'rb') as f, _open_zip(f, os.fstat(f.fileno()).st_size) as z:   # directory size bounded
             return any(n.endswith('/constants.pkl') for n in z.namelist())
-    except zipfile.BadZipFile:
-        return True         # let torch.jit.load report it
+    except (_BadFile, zipfile.BadZipFile):
+        return True         # torchscript_archive's full check reports it
 
 
 def torchscript_blobs(data):
@@ -1098,7 +1098,14 @@ class NpzImages:
     increasing indices, so memory holds one image whatever the file declares (a 1 MB deflated npz can declare a
     1 GB array); one full pass first verifies the CRC, so a corrupt file is never used."""
     def __init__(self, path):
-        self.npz = NpzFile(path)
+        self.npz, self.file = NpzFile(path), None
+        try:
+            self._check(path)
+        except BaseException:
+            self.npz.close()
+            raise
+
+    def _check(self, path):
         self.key = next((k for k in ('images', 'arr_0') if k in self.npz.files), None)
         if self.key is None:
             raise ValueError(f'{path}: no "images" (or "arr_0") array; keys: {", ".join(self.npz.files) or "none"}')
@@ -1113,7 +1120,12 @@ class NpzImages:
         for done in range(0, math.prod(shape), 1 << 20):   # CRC check of the whole member, 1 MiB at a time
             self.npz.read(f, min(1 << 20, math.prod(shape) - done))
         f.close()
-        self.file, self.next = None, 0
+        self.next = 0
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        self.npz.close()
 
     def __len__(self):
         return self.shape[0]
@@ -1230,6 +1242,14 @@ def save_torch(obj, path):
     waits until the file is written (torch's writer would turn it into a RuntimeError)."""
     with cli.deferred_signals():
         cli.atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_checkpoint(net, cfg, path):
+    """A network as a gdd-min checkpoint {'format', 'ema': net_to_dict, 'config'} at path and at cfg.export
+    (load_network reads it)."""
+    for p in [path] + ([cfg.export] if cfg.export else []):
+        save_torch({'format': CHECKPOINT_FORMAT, 'ema': net_to_dict(net), 'config': vars(cfg)}, p)
+    print(f'Saved {path}' + (f' and {cfg.export}' if cfg.export else ''))
 
 
 def _checkpoint_entry(ckpt, key):

@@ -133,7 +133,7 @@ def train_teacher(cfg, run_dir, device):
             print(f'kimg {seen / 1000:8.1f}  sec/kimg {dt / (seen - tick_seen) * 1000:6.2f}  loss {loss.item():.4f}  '
                   f'time {time.time() - start:6.0f}s', flush=True)
             tick_seen, tick_time = seen, time.time()
-    save(ema, cfg, os.path.join(run_dir, f'network-snapshot-{seen // 1000:06d}.pt'))
+    safe_files.save_checkpoint(ema, cfg, os.path.join(run_dir, f'network-snapshot-{seen // 1000:06d}.pt'))
 
 #----------------------------------------------------------------------------
 # The toy classifier (fid_min.ToyClassifier, the toy FID's detector): cross-entropy on the toy training set with
@@ -181,12 +181,6 @@ def train_classifier(cfg, run_dir, device, shift=2):
         safe_files.save_torch(ckpt, path)
         print(f'Saved {path}')
 
-
-def save(net, cfg, path):
-    """The network as a gdd-min checkpoint at path (and at cfg.export)."""
-    for p in [path] + ([cfg.export] if cfg.export else []):
-        safe_files.save_torch({'format': safe_files.CHECKPOINT_FORMAT, 'ema': safe_files.net_to_dict(net), 'config': vars(cfg)}, p)
-    print(f'Saved {path}' + (f' and {cfg.export}' if cfg.export else ''))
 
 #----------------------------------------------------------------------------
 # Small-scale evaluation (the toy demo), the same seeds and classes for every sampler: teacher 1 step =
@@ -349,8 +343,8 @@ def main(argv=None):
         ('tick', math.isfinite(cfg.tick) and cfg.tick > 0, 'finite and > 0'), ('lr', math.isfinite(cfg.lr) and cfg.lr >= 0, 'finite and >= 0'),
         ('ema', math.isfinite(getattr(cfg, 'ema', 0)) and getattr(cfg, 'ema', 0) >= 0, 'finite and >= 0'),
         ('seed', 0 <= cfg.seed < 2**32, 'in 0..2^32-1')) if not ok]
-    if bad:
-        raise SystemExit(f'error: {bad[0]}')
+    if bad or cli.device_problem(cfg.device):
+        raise SystemExit(f'error: {bad[0] if bad else cli.device_problem(cfg.device)}')
     with cli.RunLog() as log, cli.cli_errors():     # Ctrl-C / SIGTERM: one line, exit status 130 / 143
         cli.check_output(cfg.outdir, '--outdir', folder=True)
         if cfg.export:

@@ -65,8 +65,8 @@ PRESETS = {name: dict(zip(COLUMNS, (EDM_URL + row[0],) + row[1:]), r1_gamma=1e-4
 }.items()}
 # The offline demo: toy data, the shipped toy teacher, the teacher's own encoder as D's feature network; lr, dlr,
 # r1_gamma and kimg from the toy FID sweep (README).
-PRESETS['toy'] = dict(teacher=os.path.join(toy.ASSETS, 'toy-teacher.pt'), arch='toy', cres='1,2,2', batch=32, lr=1e-3, dlr=1e-3,
-                      ema=0.5, kimg=24, features='teacher', loss_batch=32, r1_gamma=1e-2, freeze=1, fp16=False, dwidth=0.25,
+PRESETS['toy'] = dict(teacher=os.path.join(toy.ASSETS, 'toy-teacher.pt'), arch='toy', cres=','.join(map(str, toy.CHANNEL_MULT)),
+                      batch=32, lr=1e-3, dlr=1e-3, ema=0.5, kimg=24, features='teacher', loss_batch=32, r1_gamma=1e-2, freeze=1, fp16=False, dwidth=0.25,
                       tick=4, snap=0, state=0, workers=0, fd_images=1000, classifier=os.path.join(toy.ASSETS, 'toy-classifier.pt'))
 TOY_ONLY = ('fd_images', 'classifier')     # the toy demo's small evaluation: no option of the paper presets
 MOVED = {'toy-teacher': 'python toy.py teacher', 'toy-classifier': 'python toy.py classifier'}
@@ -182,15 +182,8 @@ def check_options(cfg):
              (k.strip() not in ts.RESUME_MUST_MATCH or k.strip() in ts.RESUME_FIXED)]
     need(not wrong, f'--resume-override: {", ".join(wrong)} cannot be overridden; choose from '
                     f'{", ".join(k for k in ts.RESUME_MUST_MATCH if k not in ts.RESUME_FIXED)}')
-    if cfg.device != 'auto':
-        try:
-            device = torch.device(cfg.device)
-        except (RuntimeError, ValueError):
-            device = None
-        need(device is not None and device.type in ('cpu', 'cuda'), f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
-        need(device.type != 'cuda' or torch.cuda.is_available(), 'CUDA is not available; use --device cpu')
-        need(device.type != 'cuda' or device.index is None or device.index < torch.cuda.device_count(),
-             f'--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    problem = cli.device_problem(cfg.device)
+    need(problem is None, problem)
     cfg.data = local(cfg.data) if cfg.data else ''
     cfg.ref = local(cfg.ref) if cfg.ref else ''
     problem = fid_min.check_training_metrics(cfg.metrics, cfg.ref, cfg.metric_images)   # the ref must exist now
@@ -252,7 +245,7 @@ def fixed_latents(net, n=64, seed=0, device='cpu'):
 # Building the run: the teacher, the generator initialised from it (gdd.py section 1), its EMA copy and the
 # discriminator, identical on every rank (construction draws from the torch RNG seeded with --seed).
 
-BENCH_GEOMETRY = {'cifar10': (32, 0), 'cifar10-cond': (32, 10), 'afhqv2': (64, 0), 'ffhq': (64, 0),
+PRESET_GEOMETRY = {'cifar10': (32, 0), 'cifar10-cond': (32, 10), 'afhqv2': (64, 0), 'ffhq': (64, 0),
                   'imagenet64': (64, 1000), 'toy': (32, 10)}      # (resolution, label_dim) of each preset's data
 
 
@@ -263,8 +256,8 @@ def load_teacher(cfg, device):
     if type(teacher).__name__ != 'EDMPrecond':
         raise SystemExit(f'error: {cfg.teacher} is a {type(teacher).__name__}, not an EDM teacher (EDMPrecond)')
     kind = lambda n: f'class-conditional ({n} classes)' if n else 'unconditional'
-    if (teacher.label_dim > 0) != (BENCH_GEOMETRY[cfg.preset][1] > 0):
-        raise SystemExit(f'error: preset {cfg.preset} is {kind(BENCH_GEOMETRY[cfg.preset][1])}, the teacher {cfg.teacher} '
+    if (teacher.label_dim > 0) != (PRESET_GEOMETRY[cfg.preset][1] > 0):
+        raise SystemExit(f'error: preset {cfg.preset} is {kind(PRESET_GEOMETRY[cfg.preset][1])}, the teacher {cfg.teacher} '
                          f'is {kind(teacher.label_dim)}: use a teacher and a preset of the same kind')
     kwargs = teacher.init_kwargs
     differ = [f'{k}={kwargs.get(k)!r} (paper: {v!r})' for k, v in arch_kwargs(cfg).items() if kwargs.get(k) != v]
@@ -277,7 +270,7 @@ def build_training(cfg, device, rank, world):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.bench:       # a random-weight teacher of the preset's architecture
-        resolution, label_dim = BENCH_GEOMETRY[cfg.preset]
+        resolution, label_dim = PRESET_GEOMETRY[cfg.preset]
         teacher = edm_nets.EDMPrecond(img_resolution=resolution, img_channels=3, label_dim=label_dim, **arch_kwargs(cfg))
     else:
         teacher = load_teacher(cfg, 'cpu')
@@ -376,7 +369,7 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
             values = torch.stack([sums[k] / counts[k] if k in sums else torch.tensor(float('nan'), device=device) for k in keys])
             # Fraction of this tick's iterations with non-finite losses; 1 if any parameter is NaN/inf.
             values = torch.cat([values, torch.stack([sums['nonfinite'] / counts['nonfinite'], nonfinite_parameters(G, G_ema, D.heads)])])
-            mem = torch.tensor([bench_min.peak_memory_gb(device)], device=device)
+            mem = torch.tensor([cli.peak_memory_gb(device)], device=device)
             if world > 1:
                 torch.distributed.all_reduce(values)
                 torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
@@ -396,7 +389,7 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
                 with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:     # NaN (no R1 step in the tick) -> null
                     f.write(json.dumps({k: None if v != v else v for k, v in line.items()}) + '\n')
             bad_losses, bad_params = values[-2:].tolist()     # the same on every rank (all-reduced)
-            if bad_params > 0 or bad_losses >= 1:         # nothing of this tick is written: the last state stays good
+            if bad_params > 0 or bad_losses >= 1:         # no snapshot or state of this tick: the last state stays good
                 raise SystemExit(f'error: training stopped at tick {tick} (kimg {seen / 1000:.3f}, iteration {step}): '
                                  + ('parameters became NaN/inf' if bad_params > 0 else 'the losses were NaN/inf in every iteration of the tick')
                                  + (f'; the last good training state is {last_state}' if last_state else '; no training state was written')
@@ -410,7 +403,7 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
                         images = cli.quantize(gdd.generate(G_ema, z_grid, c_grid))
                     name = ts.kimg_name(seen, cfg.tick)
                     cli.save_grid(images, os.path.join(run_dir, f'samples-{name}.png'))
-                    save_snapshot(G_ema, cfg, os.path.join(run_dir, f'network-snapshot-{name}.pt'))
+                    safe_files.save_checkpoint(G_ema, cfg, os.path.join(run_dir, f'network-snapshot-{name}.pt'))
             if evaluate and snapshot:       # every rank: each measures a share of the images
                 evaluate(G_ema, seen / 1000, f'network-snapshot-{ts.kimg_name(seen, cfg.tick)}.pt')
             if rank == 0:
@@ -419,13 +412,6 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
     print(f'Training done: {step} iterations, {seen / 1000:.{1 if cfg.tick >= 1 else 3}f} kimg in {time.time() - start:.0f}s')
     if cfg.fd_images and rank == 0:
         toy.evaluate_small(G_ema, teacher.to(device), dataset, run_dir, device, cfg.fd_images, cfg.classifier, toy_floor=not cfg.data)
-
-
-def save_snapshot(net, cfg, path):
-    """The EMA generator as a gdd-min checkpoint (safe_files.load_network reads it), also at --export."""
-    for p in [path] + ([cfg.export] if cfg.export else []):
-        safe_files.save_torch({'format': safe_files.CHECKPOINT_FORMAT, 'ema': safe_files.net_to_dict(net), 'config': vars(cfg)}, p)
-    print(f'Saved {path}' + (f' and {cfg.export}' if cfg.export else ''))
 
 
 def nonfinite_parameters(*modules):
@@ -437,7 +423,7 @@ def nonfinite_parameters(*modules):
 def main(argv=None):
     cfg = parse_args(argv)
     run = ts.RunFolder()    # the run folder's lock, log and last good state, released however the run ends
-    with run, cli.cli_errors(note=run.stop_note):
+    with run, cli.torch_flags(), cli.cli_errors(note=run.stop_note):     # torch's switches restored after the run
         if not cfg.bench:           # missing data, unwritable outputs, a bad classifier: fail now, not after the training
             if not (cfg.data or cfg.preset == 'toy'):
                 raise ValueError(f'preset {cfg.preset} needs --data, a dataset zip made by dataset_min.py (README: Datasets); '

@@ -23,7 +23,7 @@ def build(preset, options=(), device='cpu', batch=2, seed=0):
     """(cfg, nets, batch) where nets = (G, G_ema, D, opt_G, opt_D) on `device`: built on the CPU from `seed` and
     then moved, so every device starts from the same weights; options: train_min flags, e.g. ['--tf32', '1']."""
     cfg = train_min.parse_args([preset, '--bench', '1', '--batch', str(batch), *options])
-    R, L = train_min.BENCH_GEOMETRY[preset]
+    R, L = train_min.PRESET_GEOMETRY[preset]
     torch.manual_seed(seed)
     teacher = edm_nets.EDMPrecond(img_resolution=R, img_channels=3, label_dim=L,
                                   **{**train_min.arch_kwargs(cfg), 'model_channels': WIDTH[cfg.arch]})

@@ -15,8 +15,9 @@ counted).
 
 Speed options, all off by default (the presets reproduce the official numerics, README "On a GPU"):
   --tf32           TF32 tensor cores for fp32 convolutions and matrix products on CUDA (the official code keeps
-                   TF32 off, as EDM's training/training_loop.py). With --fp16 (every paper preset) the U-Net's convolutions are bf16
-                   already, so this is the discriminator: feature networks, projections, heads, R1.
+                   TF32 off, as EDM's training/training_loop.py). With --fp16 (every paper preset) the U-Net's
+                   convolutions are bf16 already, so this is the discriminator (feature networks, projections,
+                   heads, R1) and the generator's fp32 mapping and affine layers.
   --channels-last  generator and discriminator weights in channels_last memory format (NHWC convolutions).
   --bf16-features  the frozen feature networks under bf16 autocast, their taps cast back to fp32: projections,
                    heads and losses stay fp32. R1's double backward runs through the same bf16 operations.
@@ -31,6 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+import cli
 import gdd
 
 #----------------------------------------------------------------------------
@@ -64,12 +66,6 @@ def apply_speed_options(cfg, G, D):
         print(f'Speed options {", ".join(on)}: not the official numerics (README: On a GPU)'
               + ('; tf32 does nothing on a CPU' if cpu else ''))
 
-
-def peak_memory_gb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource     # CPU: peak resident memory of the process (kB on Linux)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 #----------------------------------------------------------------------------
 # Phases of one iteration, marked from outside gdd.train_step.
@@ -226,7 +222,7 @@ def bench(cfg, iteration, reduce, G, D, opt_G, opt_D, device, world, num_chunks,
     r1 = {k: v for k, v in rows.items() if k.startswith('R1 step')}
     flop_plain = sum(f for name, (_, f) in flops.items() if not name.startswith('R1 step'))
     flop_r1 = sum(f for name, (_, f) in flops.items() if name.startswith('R1 step'))
-    mem = torch.tensor([peak_memory_gb(device)], device=device)
+    mem = torch.tensor([cli.peak_memory_gb(device)], device=device)
     if world > 1:
         torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
     options = [k for k in ('fp16', 'tf32', 'channels_last', 'bf16_features')     # those in effect (fp16, tf32: CUDA)

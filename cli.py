@@ -66,6 +66,18 @@ def init_distributed(device='auto'):
     return rank, world, device
 
 
+@contextlib.contextmanager
+def distributed(device='auto'):
+    """with distributed() as (rank, world, device): init_distributed for the block, the process group left
+    however the block ends (a command that returns or fails leaves no NCCL / gloo group behind)."""
+    import torch
+    try:
+        yield init_distributed(device)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def watch_launcher(interval=1.0):
     """A rank must not go on training unsupervised when its torchrun launcher is killed (kill -9 of the launcher's
     process group: torchrun starts each rank in a session of its own, so the ranks survive it and are re-parented).
@@ -101,6 +113,48 @@ def gather_to_rank0(items):
     parts = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
     torch.distributed.gather_object(items, parts, dst=0)
     return None if parts is None else [x for p in parts for x in p]
+
+
+def device_problem(name):
+    """What is wrong with a --device value ('auto', 'cpu', 'cuda' or 'cuda:N') on this machine, or None."""
+    import torch
+    if name == 'auto':
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        return f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}"
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        return 'CUDA is not available; use --device cpu'
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        return f'--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)'
+    return None
+
+
+@contextlib.contextmanager
+def torch_flags(tf32=None):
+    """torch's global arithmetic switches (cuDNN benchmark, TF32, fp16 reduced-precision sums) as they were
+    before the block, restored after it; tf32 True / False sets TF32 for the block."""
+    import torch
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = c.benchmark, m.allow_tf32, c.allow_tf32, m.allow_fp16_reduced_precision_reduction
+    if tf32 is not None:
+        m.allow_tf32 = c.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        c.benchmark, m.allow_tf32, c.allow_tf32, m.allow_fp16_reduced_precision_reduction = saved
+
+
+def peak_memory_gb(device):
+    """Peak memory: allocated on a CUDA device, else the resident memory of the process (ru_maxrss, kB on Linux)."""
+    import torch
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource     # POSIX only: imported where it is used
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def cpu_count():
@@ -150,7 +204,7 @@ def cli_errors(note=None):
 # collective breaks because another process ended says only that: the process that failed prints the cause.
 
 STOP_SIGNALS = {signal.SIGINT: 'SIGINT (Ctrl-C)', signal.SIGTERM: 'SIGTERM'}
-_stop = dict(depth=0, pending=None, stopping=False, watched=None, launcher_gone=False)
+_stop = dict(depth=0, nest=0, pending=None, stopping=False, watched=None, launcher_gone=False)
 
 
 class Stopped(KeyboardInterrupt):
@@ -212,9 +266,12 @@ def clean_stop(note=None):
     thread (or when the current deferred_signals section ends). A stop ends with one line on stderr, `stopped by
     SIGINT (Ctrl-C)` or `stopped: the torchrun launcher is gone` plus `; note()` (what the user needs to know,
     e.g. where the last good training state is), and exit status 128 + the signal's number; a failed peer
-    process with `stopped: another process of this run failed (...)` and exit status 1."""
+    process with `stopped: another process of this run failed (...)` and exit status 1. Nested blocks share the
+    outermost one's handlers and state."""
     main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS} if main else {}
+    outer = main and _stop['nest'] == 0
+    old = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS} if outer else {}
+    _stop['nest'] += main
     try:
         yield
     except KeyboardInterrupt as e:
@@ -229,10 +286,11 @@ def clean_stop(note=None):
         _say_stopped('stopped: another process of this run failed (its own error line gives the cause)', note)
         raise SystemExit(1) from None
     finally:
+        _stop['nest'] -= main
         for s, handler in old.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        if old:
-            _stop.update(pending=None, stopping=False)
+        if outer:
+            _stop.update(pending=None, stopping=False, launcher_gone=False)
 
 #----------------------------------------------------------------------------
 # Outputs.

@@ -39,7 +39,6 @@ network's forward pass is; only the pickle layer is reduced to plain data. CLIP 
 import argparse
 import json
 import os
-import resource
 import time
 import warnings
 
@@ -54,7 +53,7 @@ import cli
 import dataset_min
 import safe_files
 import sample_min
-from cli import init_distributed, parse_seeds
+from cli import parse_seeds
 
 #----------------------------------------------------------------------------
 # Feature statistics as EDM's fid.py computes them: mu = sum(f) / N,
@@ -551,12 +550,16 @@ class SnapshotMetrics:
         self.seeds, self.batch, self.device = list(range(self.num))[rank::world], batch, device
         self.rank, self.world = rank, world
         self.best = None
+        if self.num < world:    # every rank measures a share: an empty one would leave the others waiting
+            raise ValueError(f'--metric-images {self.num} is fewer than the {world} processes of this run')
         path = os.path.join(run_dir, 'metrics.jsonl')
-        for line in open(path) if rank == 0 and os.path.isfile(path) else []:    # a resumed run: its record so far
-            try:
-                self.note(json.loads(line))
-            except (ValueError, KeyError, TypeError):
-                pass                            # a line cut off by a kill
+        if rank == 0 and os.path.isfile(path):      # a resumed run: its record so far
+            with open(path) as f:
+                for line in f:
+                    try:
+                        self.note(json.loads(line))
+                    except (ValueError, KeyError, TypeError):
+                        pass                        # a line cut off by a kill
 
     def note(self, line):
         """Keep the lowest-FID line so far and name its snapshot in best-snapshot.json."""
@@ -568,8 +571,9 @@ class SnapshotMetrics:
     def __call__(self, net, kimg, snapshot):
         """Measure `net` (the EMA generator, on every rank), record it as snapshot `snapshot`; the line on rank 0."""
         t0 = time.time()
-        batches = (images for _, images in sample_min.generate_images(net, self.seeds, self.batch, device=self.device))
-        stats, rows = measure(batches, self.networks, self.metrics, self.num, self.rank, self.world, progress=False)
+        with cli.torch_flags(tf32=False):      # float32 features and distances, whatever the training loop uses
+            batches = (x for _, x in sample_min.generate_images(net, self.seeds, self.batch, device=self.device))
+            stats, rows = measure(batches, self.networks, self.metrics, self.num, self.rank, self.world, progress=False)
         if self.rank != 0:
             return None
         line = dict(kimg=kimg, snapshot=snapshot, **compute_metrics(self.metrics, stats, rows, self.ref, self.device),
@@ -603,7 +607,7 @@ def bench(num=1000, metrics=tuple(METRICS), pr_num=0, detector=None, batch=64, r
     right sizes, so that the rest is still timed. pr_num > 0: instead, the time and peak memory of precision_recall
     on pr_num x pr_num random 2048-d features."""
     g = torch.Generator().manual_seed(0)
-    peak_gb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # kB on Linux
+    peak_gb = lambda: cli.peak_memory_gb(torch.device('cpu'))
     if pr_num:
         real, fake = torch.randn(pr_num, 2048, generator=g), torch.randn(pr_num, 2048, generator=g)
         before, t0 = peak_gb(), time.perf_counter()
@@ -650,7 +654,6 @@ def bench(num=1000, metrics=tuple(METRICS), pr_num=0, detector=None, batch=64, r
     return result
 
 
-@cli.clean_stop()      # Ctrl-C / SIGTERM: one line, exit status 130 / 143; quiet when another rank failed
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -685,52 +688,69 @@ def main(argv=None):
         q.add_argument('--dinov2-weights', default=backbones.WEIGHT_URLS['dinov2_vitl14'],
                        help='DINOv2 ViT-L/14: dinov2_vitl14_pretrain.pth, path or URL (default: %(default)s)')
     args = p.parse_args(argv)
-    if args.cmd == 'bench':
-        with cli.cli_errors():
+    # One line for an expected error, a clean stop on Ctrl-C / SIGTERM; float32 features and distances (no TF32)
+    with cli.cli_errors(), cli.torch_flags(tf32=False):
+        if args.cmd == 'bench':
+            check_bench_options(args)
             return bench(args.num, args.metrics, args.pr_num, args.detector, args.batch)
+        with cli.distributed() as (rank, world, device):
+            return run_command(args, rank, world, device)
 
-    rank, world, device = init_distributed()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False    # float32 features and distances
-    try:
-        sample_min.check_sampling_options(args.batch, getattr(args, 'steps', 18))   # bad options fail before any work
-        if args.cmd == 'calc':
-            count = len(args.seeds) if args.net and args.seeds else args.num
-            least = 10 if 'is' in args.metrics else 4 if 'pr' in args.metrics else 2
-            if count < least:       # a covariance needs 2 images, P/R more than k = 3, the Inception Score 10 splits
-                raise ValueError(f'--num must be >= {least} for --metrics {",".join(args.metrics)}, got {count}')
-            if args.json:
-                cli.check_output(args.json, '--json')
-            ref_arrays = load_reference(args.ref, args.metrics)       # fail on a bad reference before any work
-        else:
-            cli.check_output(args.dest, '--dest')
-            args.metrics = [m for m in args.metrics if METRICS[m][2]]
-            if not args.metrics:
-                raise ValueError('--metrics is needs no reference (choose fid, pr, fd_clip or fd_dinov2)')
-            if args.pr_num < 4:
-                raise ValueError(f'--pr-num must be >= 4 (P/R needs more than k = 3 points), got {args.pr_num}')
-        networks = load_networks(args.metrics, args.detector, args.clip_weights, args.dinov2_weights, device)
-        if args.cmd == 'ref':
-            return make_reference(args, networks, rank, world, device)
-        if args.images:
-            batches = image_batches(args.images, args.num, args.batch, rank, world, device)
-        else:
-            seeds = args.seeds or list(range(args.num))
-            net = sample_min.load_net(args.net, device)
-            batches = (images for _, images in sample_min.generate_images(
-                net, seeds[rank::world], args.batch, None, args.steps, device))
-        stats, rows = measure(batches, networks, args.metrics, count, rank, world)
-        if rank == 0:
-            results = dict(compute_metrics(args.metrics, stats, rows, ref_arrays, device), images=count)
-            print(f'{format_results(results)} ({count} images)')
-            if args.json:
-                info = dict(results, source=args.images or args.net, ref=args.ref)
-                cli.atomic_write(args.json, lambda f: f.write(json.dumps(info, indent=1).encode() + b'\n'))
-            return results
-    except cli.EXPECTED_ERRORS as e:           # cli.cli_errors(), as the except clause of this try
-        raise SystemExit(f'error: {cli.error_line(e)}') from None
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+def check_bench_options(args):
+    least = 10 if 'is' in args.metrics else 2
+    if args.pr_num < 0 or 0 < args.pr_num < 4:
+        raise ValueError(f'--pr-num must be 0 (time the metrics) or >= 4 (P/R needs more than k = 3 points), '
+                         f'got {args.pr_num}')
+    if not args.pr_num and args.num < least:
+        raise ValueError(f'--num must be >= {least} for --metrics {",".join(args.metrics)}, got {args.num}')
+    if args.batch < 1:
+        raise ValueError(f'--batch must be >= 1, got {args.batch}')
+
+
+def run_command(args, rank, world, device):
+    """fid_min.py calc and ref: the options checked and the files loaded before any work, then the work."""
+    sample_min.check_sampling_options(args.batch, getattr(args, 'steps', 18))
+    if args.cmd == 'calc':
+        if args.images and args.seeds:
+            raise ValueError('--seeds chooses the seeds of --net; with --images use --num')
+        count = len(args.seeds) if args.net and args.seeds else args.num
+        least = 10 if 'is' in args.metrics else 4 if 'pr' in args.metrics else 2
+        if count < least:       # a covariance needs 2 images, P/R more than k = 3, the Inception Score 10 splits
+            raise ValueError(f'--num must be >= {least} for --metrics {",".join(args.metrics)}, got {count}')
+        if count < world:       # every rank measures a share: an empty one would leave the others waiting
+            raise ValueError(f'{count} images are fewer than the {world} processes of this run')
+        if args.json:
+            cli.check_output(args.json, '--json')
+        ref_arrays = load_reference(args.ref, args.metrics)       # fail on a bad reference before any work
+    else:
+        cli.check_output(args.dest, '--dest')
+        args.metrics = [m for m in args.metrics if METRICS[m][2]]
+        if not args.metrics:
+            raise ValueError('--metrics is needs no reference (choose fid, pr, fd_clip or fd_dinov2)')
+        if args.pr_num < 4:
+            raise ValueError(f'--pr-num must be >= 4 (P/R needs more than k = 3 points), got {args.pr_num}')
+        count = open_images(args.data)[0]
+        if count < world:
+            raise ValueError(f'{args.data} has {count} images, fewer than the {world} processes of this run')
+    networks = load_networks(args.metrics, args.detector, args.clip_weights, args.dinov2_weights, device)
+    if args.cmd == 'ref':
+        return make_reference(args, networks, rank, world, device)
+    if args.images:
+        batches = image_batches(args.images, args.num, args.batch, rank, world, device)
+    else:
+        seeds = args.seeds or list(range(args.num))
+        net = sample_min.load_net(args.net, device)
+        batches = (images for _, images in sample_min.generate_images(
+            net, seeds[rank::world], args.batch, None, args.steps, device))
+    stats, rows = measure(batches, networks, args.metrics, count, rank, world)
+    if rank == 0:
+        results = dict(compute_metrics(args.metrics, stats, rows, ref_arrays, device), images=count)
+        print(f'{format_results(results)} ({count} images)')
+        if args.json:
+            info = dict(results, source=args.images or args.net, ref=args.ref)
+            cli.atomic_write(args.json, lambda f: f.write(json.dumps(info, indent=1).encode() + b'\n'))
+        return results
 
 
 def make_reference(args, networks, rank, world, device):

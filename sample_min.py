@@ -13,7 +13,6 @@ by path or URL; safe_files.load_network reads all three without executing code f
 import argparse
 import math
 import os
-import resource
 import time
 
 import numpy as np
@@ -23,7 +22,7 @@ import cli
 import edm_nets
 import gdd
 import safe_files
-from cli import check_output, cli_errors, init_distributed, parse_seeds
+from cli import check_output, cli_errors, parse_seeds
 
 # The toy generator that `python train_min.py toy --export assets/toy-gdd.pt` made, shipped with the repository
 # (found next to this file, whatever the working directory).
@@ -51,7 +50,7 @@ class SeededRandom:
 
 
 class NFECounter:
-    """Counts network evaluations (forward calls times batch size) of a teacher."""
+    """Counts a teacher's forward calls: one per batch and sampler evaluation (EDM's NFE per image)."""
     def __init__(self, net):
         self.calls = 0
         net.register_forward_hook(self._hook)
@@ -117,7 +116,7 @@ def check_net(source):
     kind = 'one-step generator (GDDPrecond)' if isinstance(net, gdd.GDDPrecond) else f'teacher ({type(net).__name__})'
     print(f'{source}: {kind}, {net.img_resolution}x{net.img_resolution}x{net.img_channels}, label_dim {net.label_dim}, '
           f'{sum(p.numel() for p in net.parameters()):,} parameters; read, checked and built in '
-          f'{time.perf_counter() - t0:.2f} s, peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
+          f'{time.perf_counter() - t0:.2f} s, peak memory {cli.peak_memory_gb(torch.device("cpu")):.2f} GiB')
 
 
 def main(argv=None):
@@ -142,12 +141,8 @@ def main(argv=None):
         for flag, path, folder in (('--outdir', args.outdir, True), ('--grid', args.grid, False), ('--npz', args.npz, False)):
             if path:
                 check_output(path, flag, folder)     # before loading anything: a bad path fails in a second
-        rank, world, device = init_distributed()
-        try:
+        with cli.distributed() as (rank, world, device):
             return _sample(args, rank, world, device)
-        finally:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
 
 
 def check_sampling_options(batch, steps):

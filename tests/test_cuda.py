@@ -195,8 +195,8 @@ def test_fid_statistics_on_cuda_equal_cpu():
     detector_gpu = fid_min.load_detector(os.path.join(ASSETS, 'toy-classifier.pt'), device=DEVICE)
     images = torch.from_numpy(toy.draw_toy_images(200, seed=0)[0])     # features of a classifier of these shapes
     batches = lambda: iter(images.split(64))
-    cpu = fid_min.compute_stats(batches(), detector_cpu, 'cpu').mu_sigma()
-    gpu = fid_min.compute_stats(batches(), detector_gpu, DEVICE).mu_sigma()
+    cpu = fid_min.feature_stats(fid_min.detect(detector_cpu, x) for x in batches())
+    gpu = fid_min.feature_stats(fid_min.detect(detector_gpu, x.to(DEVICE)) for x in batches())
     for a, b in zip(gpu, cpu):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
     assert abs(fid_min.frechet_distance(*gpu, *cpu)) < 1e-3
@@ -220,9 +220,9 @@ def test_bench_and_a_short_run_from_the_command_line(tmp_path):
     out = run_cli('sample_min.py', '--seeds', '0-127', '--npz', str(tmp_path / 's.npz'))    # the toy generator
     assert f'on {DEVICE.type}' in out
     images = np.load(tmp_path / 's.npz')['images']
-    mu, sigma = fid_min.compute_stats(iter([torch.from_numpy(images).permute(0, 3, 1, 2)]),
-                                      fid_min.load_detector(os.path.join(ASSETS, 'toy-classifier.pt'))).mu_sigma()
-    fid_min.save_ref(str(tmp_path / 'ref.npz'), mu, sigma)
+    mu, sigma = fid_min.feature_stats(fid_min.detect(fid_min.load_detector(os.path.join(ASSETS, 'toy-classifier.pt')),
+                                                     torch.from_numpy(images).permute(0, 3, 1, 2)))
+    cli.atomic_write(str(tmp_path / 'ref.npz'), lambda f: np.savez(f, mu=mu, sigma=sigma))
     fid = float(run_cli('fid_min.py', 'calc', '--images', str(tmp_path / 's.npz'), '--ref', str(tmp_path / 'ref.npz'),
                         '--num', '128', '--detector', os.path.join(ASSETS, 'toy-classifier.pt')).split('FID ')[1].split()[0])
     assert abs(fid) < 1e-2           # the statistics of these images on the GPU against the CPU's

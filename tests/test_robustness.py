@@ -471,3 +471,56 @@ def test_small_fid_is_quiet_and_a_short_image_set_names_num(tmp_path):
     np.savez(tmp_path / 'few.npz', images=rng.randint(0, 256, [3, 8, 8, 3]).astype(np.uint8))
     with pytest.raises(ValueError, match=r'has 3 images, fewer than --num 50000 .*--num 3 measures all of them'):
         next(fid_min.image_batches(str(tmp_path / 'few.npz'), 50000))
+
+
+def test_dataset_check_holds_without_labels_and_folder_writes_are_atomic(tmp_path, monkeypatch):
+    # fid_min.py ref reads a dataset without its labels: an incomplete copy is still refused.
+    images, labels = toy.draw_toy_images(3, seed=0, resolution=16)
+    dataset_min.save_dataset(str(tmp_path / 'folder'), images, labels)
+    os.remove(tmp_path / 'folder' / '00000' / 'img00000002.png')
+    with pytest.raises(ValueError, match=r'lists 1 file\(s\) .* e.g. 00000/img00000002.png'):
+        dataset_min.ImageDataset(str(tmp_path / 'folder'), use_labels=False)
+    # A folder write that fails halfway leaves neither the folder nor its temporary copy.
+    calls = []
+    def failing_png(x):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError('disk full')
+        return b'png'
+    monkeypatch.setattr(dataset_min, 'encode_png', failing_png)
+    with pytest.raises(OSError, match='disk full'):
+        dataset_min.save_dataset(str(tmp_path / 'half'), images, labels)
+    assert sorted(os.listdir(tmp_path)) == ['folder']
+
+
+def test_fid_options_fail_in_one_line(tmp_path):
+    rng = np.random.RandomState(0)
+    np.savez(tmp_path / 'x.npz', images=rng.randint(0, 256, [12, 8, 8, 3]).astype(np.uint8))
+    for argv, expected in (
+            (['bench', '--num', '1', '--metrics', 'fid'], '--num must be >= 2'),
+            (['bench', '--num', '5', '--metrics', 'fid,is'], '--num must be >= 10'),
+            (['bench', '--pr-num', '-1'], '--pr-num must be 0'),
+            (['bench', '--pr-num', '2'], '--pr-num must be 0'),
+            (['bench', '--batch', '0'], '--batch must be >= 1'),
+            (['calc', '--images', str(tmp_path / 'x.npz'), '--seeds', '0-9', '--ref', 'r.npz'], '--seeds chooses'),
+    ):
+        assert expected in one_line_error(fid_min.main, argv), argv
+    # Fewer images than processes: each rank must have a share, or the others wait for it forever.
+    args = fid_min.argparse.Namespace(cmd='calc', images=str(tmp_path / 'x.npz'), net=None, seeds=None, num=2,
+                                      metrics=['fid'], batch=4, json=None, ref='r.npz')
+    with pytest.raises(ValueError, match='2 images are fewer than the 3 processes'):
+        fid_min.run_command(args, 0, 3, 'cpu')
+    args = fid_min.argparse.Namespace(cmd='ref', data=str(tmp_path / 'x.npz'), dest=str(tmp_path / 'r.npz'),
+                                      metrics=['fid'], pr_num=50000, batch=4)
+    with pytest.raises(ValueError, match='has 12 images, fewer than the 16 processes'):
+        fid_min.run_command(args, 0, 16, 'cpu')
+    # The npz image reader lets go of its file.
+    images = safe_files.NpzImages(str(tmp_path / 'x.npz'))
+    assert images[11].shape == (3, 8, 8)
+    images.close()
+    assert images.npz.file.closed
+
+
+def test_toy_device_is_checked_first(tmp_path):
+    msg = one_line_error(toy.main, ['teacher', '--device', 'tpu', '--outdir', str(tmp_path / 'runs')])
+    assert "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'" in msg and runs_in(tmp_path / 'runs') == []

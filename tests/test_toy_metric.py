@@ -89,6 +89,7 @@ def test_bad_classifier_files_are_refused(tmp_path):
         safe_files.save_torch(ckpt, tmp_path / f'{name}.pt')
         with pytest.raises(ValueError, match=messages[name]):
             fid_min.load_detector(str(tmp_path / f'{name}.pt'))
+    np.savez(tmp_path / 'x.npz', images=np.zeros([4, 32, 32, 3], np.uint8))
     with pytest.raises(SystemExit, match='error: .*state_dict of ToyClassifier'):      # the CLI: one line
         fid_min.main(['ref', '--data', str(tmp_path / 'x.npz'), '--dest', str(tmp_path / 'o.npz'), '--detector', str(tmp_path / 'shapes.pt')])
 

@@ -246,7 +246,7 @@ def fixed_latents(net, n=64, seed=0, device='cpu'):
 # discriminator, identical on every rank (construction draws from the torch RNG seeded with --seed).
 
 PRESET_GEOMETRY = {'cifar10': (32, 0), 'cifar10-cond': (32, 10), 'afhqv2': (64, 0), 'ffhq': (64, 0),
-                  'imagenet64': (64, 1000), 'toy': (32, 10)}      # (resolution, label_dim) of each preset's data
+                   'imagenet64': (64, 1000), 'toy': (32, 10)}      # (resolution, label_dim) of each preset's data
 
 
 def load_teacher(cfg, device):

@@ -518,6 +518,11 @@ def format_results(results):
 TRAINING_METRICS = ('fid', 'is', 'pr')     # the Inception's metrics: one detector pass per snapshot
 
 
+def min_images(metrics):
+    """The fewest images the metrics are defined for: a covariance needs 2, P/R more than k = 3, IS 10 splits."""
+    return 10 if 'is' in metrics else 4 if 'pr' in metrics else 2
+
+
 def check_training_metrics(metrics, ref, num):
     """train_min.py's --metrics, --ref and --metric-images: the problem in one line, or None."""
     if not metrics:
@@ -532,8 +537,8 @@ def check_training_metrics(metrics, ref, num):
         return '--metrics needs --ref, a reference npz (fid_min.py ref, or EDM\'s published statistics)'
     if not ref.startswith(('http://', 'https://')) and not os.path.isfile(ref):
         return f'--ref {ref}: no such file'
-    if num < 10:
-        return f'--metric-images must be >= 10, got {num}'
+    if num < min_images(names):
+        return f'--metric-images must be >= {min_images(names)} for --metrics {metrics}, got {num}'
     return None
 
 
@@ -698,7 +703,7 @@ def main(argv=None):
 
 
 def check_bench_options(args):
-    least = 10 if 'is' in args.metrics else 2
+    least = min_images(args.metrics)
     if args.pr_num < 0 or 0 < args.pr_num < 4:
         raise ValueError(f'--pr-num must be 0 (time the metrics) or >= 4 (P/R needs more than k = 3 points), '
                          f'got {args.pr_num}')
@@ -715,8 +720,8 @@ def run_command(args, rank, world, device):
         if args.images and args.seeds:
             raise ValueError('--seeds chooses the seeds of --net; with --images use --num')
         count = len(args.seeds) if args.net and args.seeds else args.num
-        least = 10 if 'is' in args.metrics else 4 if 'pr' in args.metrics else 2
-        if count < least:       # a covariance needs 2 images, P/R more than k = 3, the Inception Score 10 splits
+        least = min_images(args.metrics)
+        if count < least:
             raise ValueError(f'--num must be >= {least} for --metrics {",".join(args.metrics)}, got {count}')
         if count < world:       # every rank measures a share: an empty one would leave the others waiting
             raise ValueError(f'{count} images are fewer than the {world} processes of this run')
@@ -728,7 +733,7 @@ def run_command(args, rank, world, device):
         args.metrics = [m for m in args.metrics if METRICS[m][2]]
         if not args.metrics:
             raise ValueError('--metrics is needs no reference (choose fid, pr, fd_clip or fd_dinov2)')
-        if args.pr_num < 4:
+        if 'pr' in args.metrics and args.pr_num < 4:
             raise ValueError(f'--pr-num must be >= 4 (P/R needs more than k = 3 points), got {args.pr_num}')
         count = open_images(args.data)[0]
         if count < world:

@@ -499,6 +499,7 @@ def test_fid_options_fail_in_one_line(tmp_path):
     for argv, expected in (
             (['bench', '--num', '1', '--metrics', 'fid'], '--num must be >= 2'),
             (['bench', '--num', '5', '--metrics', 'fid,is'], '--num must be >= 10'),
+            (['bench', '--num', '3', '--metrics', 'pr'], '--num must be >= 4'),
             (['bench', '--pr-num', '-1'], '--pr-num must be 0'),
             (['bench', '--pr-num', '2'], '--pr-num must be 0'),
             (['bench', '--batch', '0'], '--batch must be >= 1'),
@@ -524,3 +525,10 @@ def test_fid_options_fail_in_one_line(tmp_path):
 def test_toy_device_is_checked_first(tmp_path):
     msg = one_line_error(toy.main, ['teacher', '--device', 'tpu', '--outdir', str(tmp_path / 'runs')])
     assert "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'" in msg and runs_in(tmp_path / 'runs') == []
+
+
+def test_backbone_weights_name_a_pretrained_feature_network(tmp_path):
+    # The toy preset's feature network is the teacher's own encoder: there is no weight file to give it.
+    msg = one_line_error(train_min.main, ['toy', '--backbone-weights', 'teacher=x.pt', '--outdir', str(tmp_path / 'runs')])
+    assert '--backbone-weights must be NAME=PATH_OR_URL with NAME a pretrained network of --features' in msg
+    assert runs_in(tmp_path / 'runs') == []

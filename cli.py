@@ -3,7 +3,7 @@ the one atomic writer (a file is complete or absent, never half-written), the cl
 lost torchrun launcher or a failed peer process, and the run folder's log. Nothing here is part of the method; a
 reader of the paper may skip this file.
 
-torch is imported inside the torchrun helpers only, so that dataset_min (numpy and pillow) can use the rest.
+torch is imported inside the functions that use it, so that dataset_min (numpy and pillow) can use the rest.
 """
 
 import argparse
@@ -155,6 +155,12 @@ def peak_memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource     # POSIX only: imported where it is used
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def nonfinite_parameters(*modules):
+    """1.0 when any parameter of the modules holds NaN or inf, else 0.0 (a tensor: no host synchronisation)."""
+    import torch
+    return torch.stack([~torch.isfinite(p).all() for m in modules for p in m.parameters()]).any().float()
 
 
 def cpu_count():

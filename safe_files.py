@@ -1237,18 +1237,19 @@ def net_to_dict(net):
             'state_dict': {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
 
 
-def save_torch(obj, path):
+def save_torch(obj, path, also=''):
     """torch.save through the one atomic writer (cli.atomic_write): never a half-written file. A Ctrl-C or SIGTERM
-    waits until the file is written (torch's writer would turn it into a RuntimeError)."""
+    waits until the file is written (torch's writer would turn it into a RuntimeError). also: a second path that
+    gets the same file (--export)."""
     with cli.deferred_signals():
-        cli.atomic_write(path, lambda f: torch.save(obj, f))
+        for p in [path] + ([also] if also else []):
+            cli.atomic_write(p, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(net, cfg, path):
     """A network as a gdd-min checkpoint {'format', 'ema': net_to_dict, 'config'} at path and at cfg.export
     (load_network reads it)."""
-    for p in [path] + ([cfg.export] if cfg.export else []):
-        save_torch({'format': CHECKPOINT_FORMAT, 'ema': net_to_dict(net), 'config': vars(cfg)}, p)
+    save_torch({'format': CHECKPOINT_FORMAT, 'ema': net_to_dict(net), 'config': vars(cfg)}, path, cfg.export)
     print(f'Saved {path}' + (f' and {cfg.export}' if cfg.export else ''))
 
 

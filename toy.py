@@ -94,7 +94,7 @@ TEACHER_LR_RAMPUP_KIMG = 10     # linear lr warm-up (EDM uses 10 Mimg at batch 5
 
 def stop_if_nonfinite(loss, seen, *modules):
     # The toy teacher and classifier loops check at each progress line; nothing is saved from a diverged run.
-    if not torch.isfinite(loss) or any(not torch.isfinite(p).all() for m in modules for p in m.parameters()):
+    if not torch.isfinite(loss) or cli.nonfinite_parameters(*modules) > 0:
         raise SystemExit(f'error: training stopped at kimg {seen / 1000:.3f}: '
                          + ('the loss' if not torch.isfinite(loss) else 'the parameters') + ' became NaN/inf (lower --lr?)')
 
@@ -177,9 +177,9 @@ def train_classifier(cfg, run_dir, device, shift=2):
                   f'time {time.time() - start:6.0f}s', flush=True)
     d = safe_files.net_to_dict(net)
     ckpt = {'format': fid_min.TOY_CLASSIFIER_FORMAT, 'init_kwargs': d['init_kwargs'], 'state_dict': d['state_dict'], 'config': vars(cfg)}
-    for path in [os.path.join(run_dir, 'toy-classifier.pt')] + ([cfg.export] if cfg.export else []):
-        safe_files.save_torch(ckpt, path)
-        print(f'Saved {path}')
+    path = os.path.join(run_dir, 'toy-classifier.pt')
+    safe_files.save_torch(ckpt, path, cfg.export)
+    print('\n'.join(f'Saved {p}' for p in [path] + ([cfg.export] if cfg.export else [])))
 
 
 #----------------------------------------------------------------------------

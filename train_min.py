@@ -175,7 +175,8 @@ def check_options(cfg):
          f'--features must be distinct names from {", ".join(known)}, got {cfg.features!r}')
     for item in cfg.backbone_weights:
         name, eq, source = item.partition('=')
-        need(eq and source and name in names, f'--backbone-weights must be NAME=PATH_OR_URL with NAME in --features, got {item!r}')
+        need(eq and source and name in names and name in backbones.BACKBONES,
+             f'--backbone-weights must be NAME=PATH_OR_URL with NAME a pretrained network of --features, got {item!r}')
     cfg.backbone_weights = [f'{name}={local(source)}' for name, _, source in (w.partition('=') for w in cfg.backbone_weights)]
     need(not (cfg.resume and cfg.bench), '--resume and --bench exclude each other')
     wrong = [k for k in cfg.resume_override.replace('-', '_').split(',') if k.strip() and
@@ -368,7 +369,7 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
             keys = ['loss_G', 'loss_D', 'logits_real', 'logits_fake', 'r1']
             values = torch.stack([sums[k] / counts[k] if k in sums else torch.tensor(float('nan'), device=device) for k in keys])
             # Fraction of this tick's iterations with non-finite losses; 1 if any parameter is NaN/inf.
-            values = torch.cat([values, torch.stack([sums['nonfinite'] / counts['nonfinite'], nonfinite_parameters(G, G_ema, D.heads)])])
+            values = torch.cat([values, torch.stack([sums['nonfinite'] / counts['nonfinite'], cli.nonfinite_parameters(G, G_ema, D.heads)])])
             mem = torch.tensor([cli.peak_memory_gb(device)], device=device)
             if world > 1:
                 torch.distributed.all_reduce(values)
@@ -414,10 +415,6 @@ def train_gdd(cfg, run_dir, device, rank=0, world=1, state=None, state_path=None
         toy.evaluate_small(G_ema, teacher.to(device), dataset, run_dir, device, cfg.fd_images, cfg.classifier, toy_floor=not cfg.data)
 
 
-def nonfinite_parameters(*modules):
-    """1.0 when any parameter of the modules holds NaN or inf, else 0.0 (a tensor: no host synchronisation)."""
-    return torch.stack([~torch.isfinite(p).all() for m in modules for p in m.parameters()]).any().float()
-
 #----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -433,15 +430,15 @@ def main(argv=None):
                 cli.check_output(cfg.export, '--export')
             if cfg.fd_images and cfg.classifier:
                 fid_min.load_detector(cfg.classifier)
-        rank, world, device = cli.init_distributed(cfg.device)
-        path, state = run.open(cfg, rank, effective_batch_gpu(cfg, world))   # rank 0 picks the state and the run folder
-        print(f'Preset {cfg.preset}, ' + (f'run directory {run.dir}' if run.dir else 'benchmark (writes nothing)')
-              + f', device {device}, {world} process(es)' + (f', resuming from {path}' if path else ''))
-        print('Options: ' + json.dumps(vars(cfg)))
-        result = train_gdd(cfg, run.dir, device, rank, world, state, path)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()     # every rank done with its collectives before the group goes away
-        return result
+        with cli.distributed(cfg.device) as (rank, world, device):
+            path, state = run.open(cfg, rank, effective_batch_gpu(cfg, world))   # rank 0 picks the state and the run folder
+            print(f'Preset {cfg.preset}, ' + (f'run directory {run.dir}' if run.dir else 'benchmark (writes nothing)')
+                  + f', device {device}, {world} process(es)' + (f', resuming from {path}' if path else ''))
+            print('Options: ' + json.dumps(vars(cfg)))
+            result = train_gdd(cfg, run.dir, device, rank, world, state, path)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()     # every rank done with its collectives before the group goes away
+            return result
 
 if __name__ == '__main__':
     main()

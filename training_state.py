@@ -413,5 +413,3 @@ class RunFolder:
             sys.stdout, self.stdout = self.stdout, None
         self.lock.release()
         self.log.__exit__(*exc)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()

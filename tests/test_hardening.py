@@ -24,10 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import backbones  # noqa: E402
-import edm_nets  # noqa: E402
 import edm_pickle  # noqa: E402
 import fid_min  # noqa: E402
-import gdd  # noqa: E402
 import safe_files  # noqa: E402
 import sample_min  # noqa: E402
 

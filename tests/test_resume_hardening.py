@@ -17,7 +17,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 sys.path.insert(0, ROOT)
-import edm_nets  # noqa: E402
 import fid_min  # noqa: E402
 import gdd  # noqa: E402
 import sample_min  # noqa: E402

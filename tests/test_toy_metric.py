@@ -11,9 +11,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import edm_nets  # noqa: E402
 import fid_min  # noqa: E402
-import train_min  # noqa: E402
 import safe_files  # noqa: E402
 import toy as toy_world  # noqa: E402
 

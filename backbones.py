@@ -473,7 +473,7 @@ def resolve_weights(name, source):
     file or a failed download is one line naming what to download and which option takes it."""
     hint = f'download {WEIGHT_URLS[name]} and pass its local path'
     option = WEIGHT_OPTIONS.get(name, f'train_min.py: --backbone-weights {name}=PATH')
-    if str(source).startswith(('http://', 'https://')):
+    if safe_files.is_url(source):
         try:
             return safe_files.open_url(source)   # URL download + cache shared with load_network
         except OSError as e:

@@ -535,7 +535,7 @@ def check_training_metrics(metrics, ref, num):
         return f'--metrics during training takes fid and optionally is, pr (the best snapshot: lowest FID), got {metrics!r}'
     if not ref:
         return '--metrics needs --ref, a reference npz (fid_min.py ref, or EDM\'s published statistics)'
-    if not ref.startswith(('http://', 'https://')) and not os.path.isfile(ref):
+    if not safe_files.is_url(ref) and not os.path.isfile(ref):
         return f'--ref {ref}: no such file'
     if num < min_images(names):
         return f'--metric-images must be >= {min_images(names)} for --metrics {metrics}, got {num}'

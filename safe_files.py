@@ -1185,11 +1185,16 @@ def load_ref_features(source, key):
 
 # --- Downloads ------------------------------------------------------------------------------------------------
 
+def is_url(source):
+    """Whether a file argument names an http(s) download rather than a local path."""
+    return re.match(r'^https?://', str(source)) is not None
+
+
 def open_url(source, cache_dir=None):
     """Local path as is, or an http(s) URL downloaded once into the cache ($GDD_CACHE, else ~/.cache/gdd-min),
     with progress on stderr and an atomic rename (a cut download is never used)."""
     source = str(source)
-    if not re.match(r'^https?://', source):
+    if not is_url(source):
         path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f'no such file: {source}')

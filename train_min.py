@@ -153,7 +153,7 @@ def check_options(cfg):
         if not ok:
             raise SystemExit(f'error: {text}')
     flag = lambda k: '--' + k.replace('_', '-')
-    local = lambda p: p if re.match(r'^https?://', p) else os.path.abspath(os.path.expanduser(p))
+    local = lambda p: p if safe_files.is_url(p) else os.path.abspath(os.path.expanduser(p))
     need(cfg.batch >= 1, f'--batch must be >= 1, got {cfg.batch}')
     need(math.isfinite(cfg.kimg) and cfg.kimg * 1000 >= 1, f'--kimg must be finite and >= 0.001 (one image), got {cfg.kimg}')
     need(math.isfinite(cfg.tick) and cfg.tick > 0, f'--tick must be finite and > 0, got {cfg.tick}')
